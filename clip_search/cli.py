@@ -1,0 +1,163 @@
+"""``python -m clip_search FLOW.yml``: load a Flow YAML, apply the overrides, serve until stopped."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from clip_search.models import ModelUnavailableError, ensure_weights, resolve_model
+from clip_search.sharding import DEFAULT_LIMIT
+
+ENCODER_CLASS = 'CLIPEncoder'
+INDEXER_CLASS = 'AnnLiteIndexer'
+
+
+class FlowConfigError(ValueError):
+    """The Flow YAML and the command line disagree or miss something; the message says what."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='python -m clip_search',
+        description='Serve CLIP text & image search: a Jina Flow of CLIPEncoder -> sharded AnnLiteIndexer, over gRPC.',
+    )
+    parser.add_argument('flow', help='the Flow YAML, e.g. flows/search_flow.yml')
+    parser.add_argument('--port', type=int, help='gRPC port of the gateway (the YAML says 61000)')
+    parser.add_argument(
+        '--host',
+        help='address the gateway binds to (default: every interface, 0.0.0.0; use 127.0.0.1 for this machine only)',
+    )
+    parser.add_argument(
+        '--model',
+        help='CLIP model: a clip-server name (ViT-B-32::openai), any open_clip ARCH::TAG, hf-hub:ORG/REPO, '
+        'a local checkpoint directory in open_clip hub layout, or mini::shapes (bundled, offline)',
+    )
+    parser.add_argument('--shards', type=int, help='number of indexer shards (a workspace keeps the count it was built with)')
+    parser.add_argument('--workspace', help='directory where the index is stored (the YAML says ./workspace)')
+    return parser
+
+
+def load_flow_config(
+    flow_file: str | Path,
+    port: Optional[int] = None,
+    host: Optional[str] = None,
+    model: Optional[str] = None,
+    shards: Optional[int] = None,
+    workspace: Optional[str] = None,
+) -> dict:
+    """Read the Flow YAML and apply the command-line overrides; the index dimension follows the model."""
+    config = yaml.safe_load(Path(flow_file).read_text())
+    if not isinstance(config, dict) or not isinstance(config.get('executors'), list):
+        raise FlowConfigError(f'{flow_file} is not a Flow YAML with a list of executors')
+    encoder = _find_executor(config, ENCODER_CLASS, flow_file)
+    indexer = _find_executor(config, INDEXER_CLASS, flow_file)
+    flow_with = config.setdefault('with', {}) or {}
+    config['with'] = flow_with
+    if port is not None:
+        flow_with['port'] = port
+    if host is not None:
+        flow_with['host'] = host
+    encoder_with = encoder.setdefault('uses_with', {}) or {}
+    encoder['uses_with'] = encoder_with
+    if model is not None:
+        encoder_with['name'] = model
+    if shards is not None:
+        if shards < 1:
+            raise FlowConfigError(f'--shards must be at least 1, not {shards}')
+        indexer['shards'] = shards
+    if workspace is not None:
+        indexer['workspace'] = workspace
+    _sync_merger_limit(indexer)
+    return config
+
+
+def set_index_dimension(config: dict, embed_dim: int, model_name: str) -> None:
+    """Give the indexer the model's embedding size; a hand-set n_dim must agree with it."""
+    indexer = _find_executor(config, INDEXER_CLASS, 'the Flow')
+    indexer_with = indexer.setdefault('uses_with', {}) or {}
+    indexer['uses_with'] = indexer_with
+    declared = indexer_with.get('n_dim')
+    if declared is not None and int(declared) != embed_dim:
+        raise FlowConfigError(
+            f'the Flow sets the indexer n_dim={declared}, but model {model_name!r} makes '
+            f'{embed_dim}-d embeddings: remove n_dim from the YAML (it follows the model)'
+        )
+    indexer_with['n_dim'] = embed_dim
+
+
+def model_name_of(config: dict) -> str:
+    """The model the encoder will load."""
+    from clip_search.models import DEFAULT_MODEL
+
+    encoder = _find_executor(config, ENCODER_CLASS, 'the Flow')
+    return str((encoder.get('uses_with') or {}).get('name', DEFAULT_MODEL))
+
+
+def prepare_flow_config(flow_file: str | Path, **overrides) -> dict:
+    """Everything ``main`` does before starting: YAML, overrides, model check, index dimension."""
+    config = load_flow_config(flow_file, **overrides)
+    model_name = model_name_of(config)
+    spec = resolve_model(model_name)
+    ensure_weights(spec)
+    set_index_dimension(config, spec.embed_dim, model_name)
+    return config
+
+
+def serve(config: dict, stop_event: Optional[threading.Event] = None) -> None:
+    """Start the Flow and block until ``stop_event`` is set, Ctrl-C or SIGTERM; then close it cleanly."""
+    from jina import Flow
+
+    stop_event = stop_event or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
+    flow = Flow.load_config(config)
+    with flow:
+        print(f'clip-search is serving on grpc://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
+        try:
+            flow.block(stop_event=stop_event)
+        except KeyboardInterrupt:
+            pass
+    print('clip-search stopped; the index is saved in its workspace', flush=True)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = prepare_flow_config(
+            args.flow,
+            port=args.port,
+            host=args.host,
+            model=args.model,
+            shards=args.shards,
+            workspace=args.workspace,
+        )
+    except (ModelUnavailableError, FlowConfigError, OSError, yaml.YAMLError) as exc:
+        print(f'clip-search: {exc}', file=sys.stderr)
+        return 2
+    try:
+        serve(config)
+    except Exception as exc:  # jina has logged the details; say it in one line too
+        print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
+        return 1
+    return 0
+
+
+def _find_executor(config: dict, class_name: str, flow_file) -> dict:
+    for executor in config.get('executors') or []:
+        if str(executor.get('uses', '')).split('.')[-1] == class_name:
+            return executor
+    raise FlowConfigError(f'{flow_file} has no executor that uses {class_name}')
+
+
+def _sync_merger_limit(indexer: dict) -> None:
+    """The merger after the shards cuts to the same default limit as the indexer."""
+    limit = (indexer.get('uses_with') or {}).get('limit', DEFAULT_LIMIT)
+    merger = indexer.get('uses_after')
+    if isinstance(merger, str) and limit != DEFAULT_LIMIT:
+        indexer['uses_after'] = {'jtype': merger, 'with': {'limit': limit}}

@@ -1,0 +1,209 @@
+"""AnnLiteIndexer: one shard of the index (annlite: HNSW in memory, documents in RocksDB).
+
+Unlike annlite's bundled executor, every write is applied before the request returns (no
+background buffer): an acknowledged document is searchable at once and survives a crash, because
+annlite writes its document store with ``sync=True`` and rebuilds the HNSW graph from it on start.
+
+Placement: ``/index`` reaches every shard and each shard keeps the documents whose id hashes to
+it (see :func:`clip_search.sharding.owner_shard`). Every id therefore lives on exactly one shard
+whatever the shard count, and indexing an id that is already indexed replaces it (an upsert).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from docarray import Document, DocumentArray
+from jina import Executor, requests
+
+from clip_search.sharding import DEFAULT_LIMIT, owner_shard, shard_status, validate_search_parameters
+
+SETTINGS_FILE = 'clip_search_index.json'
+
+
+class AnnLiteIndexer(Executor):
+    """Index, search, update, delete and report on the documents of one shard."""
+
+    def __init__(
+        self,
+        n_dim: Optional[int] = None,
+        metric: str = 'cosine',
+        limit: int = DEFAULT_LIMIT,
+        columns: Optional[list] = None,
+        ef_construction: int = 200,
+        ef_search: int = 100,
+        max_connection: int = 16,
+        *args,
+        **kwargs,
+    ):
+        """:param n_dim: embedding size; ``python -m clip_search`` sets it from the model
+        :param metric: ``cosine`` (the score is the cosine distance, smaller is closer)
+        :param limit: matches per query when the request does not say
+        :param columns: tag columns to filter on, e.g. ``[['color', 'str'], ['price', 'float']]``
+        :param ef_construction: HNSW build-time beam width
+        :param ef_search: HNSW query-time beam width (raised to ``limit`` when smaller)
+        :param max_connection: HNSW graph degree
+        """
+        super().__init__(*args, **kwargs)
+        if not n_dim:
+            raise ValueError(
+                'AnnLiteIndexer needs n_dim: start the Flow with `python -m clip_search`, '
+                'which sets it from the model, or set uses_with.n_dim to the model embedding size'
+            )
+        from annlite import AnnLite  # imported late: annlite and hnswlib cannot share a process
+
+        self.shard_id = int(getattr(self.runtime_args, 'shard_id', 0) or 0)
+        self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
+        self.default_limit = limit
+        self.columns = [tuple(column) for column in (columns or [])]
+        self.settings = {
+            'n_dim': int(n_dim),
+            'metric': metric,
+            'shards': self.shards,
+            'columns': [list(column) for column in self.columns],
+        }
+        data_path = Path(self.workspace)
+        _check_or_write_settings(data_path, self.settings)
+        self._index = AnnLite(
+            n_dim=int(n_dim),
+            metric=metric,
+            columns=self.columns or None,
+            data_path=data_path,
+            ef_construction=ef_construction,
+            ef_search=ef_search,
+            max_connection=max_connection,
+        )
+        self.logger.info(
+            f'shard {self.shard_id}/{self.shards}: {self._index.total_docs} documents in {data_path}'
+        )
+
+    @requests(on='/index')
+    def index(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """Store (or replace) the documents this shard owns; every shard checks every document."""
+        self._check_embeddings(docs)
+        mine = _last_of_each_id(doc for doc in docs if self._owns(doc.id))
+        if mine:
+            self._replace(mine)
+        return docs
+
+    @requests(on='/update')
+    def update(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """Replace documents that are indexed; an id that is not indexed anywhere is an error."""
+        self._check_embeddings(docs)
+        mine = _last_of_each_id(doc for doc in docs if self._owns(doc.id))
+        missing = [doc.id for doc in mine if not self._contains(doc.id)]
+        if missing:
+            raise KeyError(f'cannot update documents that are not indexed: {missing[:10]} (use /index)')
+        if mine:
+            self._replace(mine)
+        return docs
+
+    @requests(on='/delete')
+    def delete(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """Delete by id; ``tags['deleted']`` tells whether this shard held the document."""
+        present = [doc.id for doc in docs if self._contains(doc.id)]
+        if present:
+            self._index.delete(present)
+        present_ids = set(present)
+        return DocumentArray(Document(id=doc.id, tags={'deleted': doc.id in present_ids}) for doc in docs)
+
+    @requests(on='/search')
+    def search(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
+        """Attach this shard's top-``limit`` matches, ascending cosine distance, to every query."""
+        limit, search_filter = validate_search_parameters(
+            parameters, self.default_limit, [name for name, _ in self.columns]
+        )
+        self._check_embeddings(docs)
+        if self._index.total_docs == 0:
+            for doc in docs:
+                doc.matches = DocumentArray()
+            return docs
+        self._index.search(docs, filter=search_filter, limit=limit)
+        for doc in docs:
+            for match in doc.matches:
+                _set_cosine_distance(match, match.scores['cosine'].value)
+                match.embedding = None  # nobody needs 512 floats per match over the wire
+        return docs
+
+    @requests(on='/status')
+    def status(self, **kwargs) -> DocumentArray:
+        """This shard's document count and the index settings, in the merged status format."""
+        return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings)])
+
+    def close(self) -> None:
+        self._index.close()
+        super().close()
+
+    def _owns(self, doc_id: str) -> bool:
+        return owner_shard(doc_id, self.shards) == self.shard_id
+
+    def _contains(self, doc_id: str) -> bool:
+        return self._index.meta_table.get_address(doc_id)[0] is not None
+
+    def _replace(self, docs: DocumentArray) -> None:
+        # annlite's own update keeps stale filter columns in its SQL table, so replace = delete + insert
+        existing = [doc.id for doc in docs if self._contains(doc.id)]
+        if existing:
+            self._index.delete(existing)
+        self._index.index(DocumentArray(_storable(doc) for doc in docs))
+
+    def _check_embeddings(self, docs: DocumentArray) -> None:
+        n_dim = self.settings['n_dim']
+        for doc in docs:
+            embedding = doc.embedding
+            if embedding is None:
+                raise ValueError(f'document {doc.id!r}: it has no embedding (send text, an image or an embedding)')
+            shape = np.shape(embedding)
+            if shape != (n_dim,):
+                raise ValueError(f'document {doc.id!r}: embedding has shape {shape}, the index needs ({n_dim},)')
+            if not np.all(np.isfinite(embedding)):
+                raise ValueError(f'document {doc.id!r}: embedding has NaN or infinite values')
+
+
+def _storable(doc: Document) -> Document:
+    """What is kept of a document: id, text/uri, tags, embedding; image bytes only without a uri."""
+    kept = Document(
+        id=doc.id,
+        text=doc.text or None,
+        uri=doc.uri or None,
+        tags=doc.tags,
+        mime_type=doc.mime_type or None,
+        embedding=np.asarray(doc.embedding, dtype=np.float32),
+    )
+    if doc.blob and not doc.uri:
+        kept.blob = doc.blob
+    return kept
+
+
+def _last_of_each_id(docs) -> DocumentArray:
+    """One document per id, the last one sent winning, like successive writes would."""
+    by_id = {}
+    for doc in docs:
+        by_id.pop(doc.id, None)
+        by_id[doc.id] = doc
+    return DocumentArray(by_id.values())
+
+
+def _set_cosine_distance(match: Document, value: float) -> None:
+    # op_name keeps the score message non-empty on the wire: an exact match's distance is 0.0,
+    # proto3's default, and would otherwise travel as nothing at all
+    match.scores['cosine'].value = max(float(value), 0.0)
+    match.scores['cosine'].op_name = 'cosine'
+
+
+def _check_or_write_settings(data_path: Path, settings: dict) -> None:
+    """Refuse to open a shard built with another dimension, metric or shard count."""
+    data_path.mkdir(parents=True, exist_ok=True)
+    settings_file = data_path / SETTINGS_FILE
+    if settings_file.exists():
+        stored = json.loads(settings_file.read_text())
+        for key in ('n_dim', 'metric', 'shards'):
+            if stored.get(key) != settings[key]:
+                raise ValueError(
+                    f'workspace {data_path} was built with {key}={stored.get(key)!r}, '
+                    f'not {settings[key]!r}: start with the same setting or a new workspace'
+                )
+    settings_file.write_text(json.dumps(settings, indent=2))

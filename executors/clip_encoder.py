@@ -1,0 +1,95 @@
+"""CLIPEncoder: texts and images in, L2-normalised float32 CLIP embeddings out."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+import torch
+from docarray import DocumentArray
+from jina import Executor, requests
+
+from clip_search.media import DEFAULT_URI_TIMEOUT, content_kind, load_image
+from clip_search.models import DEFAULT_MODEL, load_model, resolve_model
+
+
+class CLIPEncoder(Executor):
+    """Encode ``text``, ``uri`` (path, http(s), data URI), ``blob`` and ``tensor`` documents.
+
+    ``/encode`` returns the embeddings; ``/index``, ``/update`` and ``/search`` encode on the way
+    to the indexer so a client never calls ``/encode`` first. A document that already carries an
+    embedding and no content is passed through as it is. One bad document fails the whole
+    request (nothing of it reaches the index) with an error naming it.
+    """
+
+    def __init__(
+        self,
+        name: str = DEFAULT_MODEL,
+        device: Optional[str] = None,
+        minibatch_size: int = 32,
+        num_workers: int = 4,
+        uri_timeout: float = DEFAULT_URI_TIMEOUT,
+        *args,
+        **kwargs,
+    ):
+        """:param name: model name (``ViT-B-32::openai``, ``hf-hub:...``, a directory, ``mini::shapes``)
+        :param device: ``cpu`` or ``cuda``; default: cuda when available
+        :param minibatch_size: inputs per forward pass
+        :param num_workers: threads that load and preprocess images in parallel
+        :param uri_timeout: seconds to wait for an http(s) image before giving up
+        """
+        super().__init__(*args, **kwargs)
+        self.device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        self.minibatch_size = minibatch_size
+        self.uri_timeout = uri_timeout
+        self._clip = load_model(resolve_model(name), self.device)
+        self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix='preprocess')
+        self.logger.info(f'loaded {name} ({self._clip.spec.embed_dim}-d) on {self.device}')
+
+    @requests(on='/encode')
+    def encode(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """Attach an embedding to every document."""
+        self.embed(docs)
+        return docs
+
+    @requests(on=['/index', '/update', '/search'])
+    def encode_on_the_way(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """Attach embeddings before the indexer sees the documents."""
+        self.embed(docs)
+        return docs
+
+    def embed(self, docs: DocumentArray) -> None:
+        """Encode every document with content, in minibatches, writing ``doc.embedding``."""
+        kinds = [content_kind(doc) for doc in docs]  # raises on the first empty document
+        texts = [doc for doc, kind in zip(docs, kinds) if kind == 'text']
+        images = [doc for doc, kind in zip(docs, kinds) if kind == 'image']
+        for batch in _minibatches(texts, self.minibatch_size):
+            tokens = self._clip.tokenizer([doc.text for doc in batch])  # truncates long texts
+            self._store(batch, self._forward(self._clip.model.encode_text, tokens))
+        for batch in _minibatches(images, self.minibatch_size):
+            pixels = torch.stack(list(self._pool.map(self._preprocess, batch)))
+            self._store(batch, self._forward(self._clip.model.encode_image, pixels))
+
+    def _preprocess(self, doc) -> torch.Tensor:
+        return self._clip.preprocess(load_image(doc, timeout=self.uri_timeout))
+
+    def _forward(self, encode, inputs: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            features = encode(inputs.to(self.device))
+            features = torch.nn.functional.normalize(features.float(), dim=-1)
+        return features.cpu().numpy().astype(np.float32)
+
+    @staticmethod
+    def _store(batch: list, embeddings: np.ndarray) -> None:
+        for doc, embedding in zip(batch, embeddings):
+            doc.embedding = embedding
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+        super().close()
+
+
+def _minibatches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

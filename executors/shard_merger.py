@@ -1,0 +1,84 @@
+"""ShardMerger: runs after the indexer shards (Jina ``uses_after``) and makes one answer of N.
+
+Jina's built-in reduce concatenates the shards' matches (3 shards x limit 10 = 30 unsorted
+matches), so the global top-k has to be computed here.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, List, Optional
+
+from docarray import Document, DocumentArray
+from jina import Executor, requests
+
+from clip_search.sharding import DEFAULT_LIMIT, merge_status
+
+
+class ShardMerger(Executor):
+    """Merge the answers of all indexer shards into the answer one big index would give."""
+
+    def __init__(self, limit: int = DEFAULT_LIMIT, *args, **kwargs):
+        """:param limit: matches per query when the request does not say (keep equal to the indexer's)"""
+        super().__init__(*args, **kwargs)
+        self.default_limit = limit
+
+    @requests(on='/search')
+    def merge_matches(
+        self, docs_matrix: Optional[List[DocumentArray]], parameters: dict, **kwargs
+    ) -> Optional[DocumentArray]:
+        """Global top-``limit`` per query: all shards' matches, one per id, ascending distance."""
+        if not docs_matrix:
+            return None
+        limit = int(parameters.get('limit') or self.default_limit)
+        queries = _first_of_each_id(docs_matrix)
+        for query in queries:
+            candidates = [m for answer in docs_matrix if query.id in answer for m in answer[query.id].matches]
+            query.matches = DocumentArray(_top_unique(candidates, limit))
+        return queries
+
+    @requests(on='/status')
+    def merge_statuses(self, docs_matrix: Optional[List[DocumentArray]], **kwargs) -> Optional[DocumentArray]:
+        """Total and per-shard document counts."""
+        if not docs_matrix:
+            return None
+        return DocumentArray([merge_status(doc for answer in docs_matrix for doc in answer)])
+
+    @requests(on='/delete')
+    def merge_deleted(self, docs_matrix: Optional[List[DocumentArray]], **kwargs) -> Optional[DocumentArray]:
+        """A document was deleted when any shard held it."""
+        if not docs_matrix:
+            return None
+        merged = _first_of_each_id(docs_matrix)
+        for doc in merged:
+            doc.tags['deleted'] = any(
+                bool(answer[doc.id].tags.get('deleted')) for answer in docs_matrix if doc.id in answer
+            )
+        return merged
+
+    @requests
+    def take_one(self, docs_matrix: Optional[List[DocumentArray]], **kwargs) -> Optional[DocumentArray]:
+        """/index and /update: every shard saw the same documents; return them once."""
+        if not docs_matrix:
+            return None
+        return _first_of_each_id(docs_matrix)
+
+
+def _first_of_each_id(docs_matrix: List[DocumentArray]) -> DocumentArray:
+    seen: dict[str, Document] = {}
+    for answer in docs_matrix:
+        for doc in answer:
+            seen.setdefault(doc.id, doc)
+    return DocumentArray(seen.values())
+
+
+def _top_unique(matches: Iterable[Document], limit: int) -> list[Document]:
+    best: dict[str, Document] = {}
+    for match in matches:
+        kept = best.get(match.id)
+        if kept is None or _distance(match) < _distance(kept):
+            best[match.id] = match
+    return sorted(best.values(), key=lambda m: (_distance(m), m.id))[:limit]
+
+
+def _distance(match: Document) -> float:
+    return float(match.scores['cosine'].value or 0.0)
