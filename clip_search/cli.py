@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -127,6 +128,7 @@ def serve(config: dict, stop_event: Optional[threading.Event] = None) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    os.environ.setdefault('JINA_HIDE_SURVEY', '1')
     args = build_parser().parse_args(argv)
     try:
         config = prepare_flow_config(

@@ -106,13 +106,36 @@ class Client:
             raise ValueError(f'batch_size={batch_size} must be at least 1')
         if show_progress is None:
             show_progress = sys.stderr.isatty() and _longer_than(inputs, batch_size)
-        return self._client.post(
-            endpoint,
-            inputs=_documents(inputs),
-            request_size=batch_size,
-            parameters=parameters or {},
-            show_progress=show_progress,
-        )
+        from jina.excepts import BadServer
+
+        try:
+            return self._client.post(
+                endpoint,
+                inputs=_documents(inputs),
+                request_size=batch_size,
+                parameters=parameters or {},
+                show_progress=show_progress,
+            )
+        except BadServer as exc:
+            raise RequestError(endpoint, _server_reason(exc)) from None
+
+
+class RequestError(RuntimeError):
+    """The server refused a request; the message is the server's reason (it names the document)."""
+
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f'{endpoint} failed: {reason}')
+        self.endpoint = endpoint
+        self.reason = reason
+
+
+def _server_reason(exc: Exception) -> str:
+    header = exc.args[0] if exc.args else None
+    status = getattr(header, 'status', None)
+    exception = getattr(status, 'exception', None)
+    if exception is not None and exception.args:
+        return f'{exception.name}: {" ".join(exception.args)}'
+    return getattr(status, 'description', '') or str(exc)
 
 
 def to_document(item: Input) -> Document:

@@ -86,3 +86,40 @@ def merge_status(statuses: Iterable[Document]) -> Document:
     shards.sort(key=lambda shard: shard['shard'])
     total = sum(int(shard['documents']) for shard in shards)
     return Document(id=STATUS_ID, tags={'documents': total, 'shards': shards, 'index': index})
+
+
+# Jina's head hands the merger only the shards' documents, not their error statuses, and it passes
+# on the first shard's status alone: an error raised on shard 2 of 3 would be lost. So a sharded
+# indexer answers in-band: one marker document per shard, carrying the error if it failed.
+SHARD_MARKER_ID = '__clip_search_shard__'
+
+
+def shard_marker(shard_id: int, error: Optional[str] = None) -> Document:
+    """The document a shard adds to its answer: which shard answered, and its error if any."""
+    tags: dict = {'shard': shard_id}
+    if error is not None:
+        tags['error'] = error
+    return Document(id=SHARD_MARKER_ID, tags=tags)
+
+
+class ShardError(RuntimeError):
+    """One or more shards failed or did not answer; the message names them."""
+
+
+def split_shard_answers(docs_matrix, expected_shards: Optional[int] = None) -> list:
+    """Drop the marker documents and return the shards' answers; raise if a shard failed or is missing."""
+    answers, errors, answered = [], [], set()
+    for answer in docs_matrix:
+        kept = [doc for doc in answer if doc.id != SHARD_MARKER_ID]
+        for marker in (doc for doc in answer if doc.id == SHARD_MARKER_ID):
+            shard = int(marker.tags['shard'])
+            answered.add(shard)
+            if 'error' in marker.tags:
+                errors.append(f'shard {shard}: {marker.tags["error"]}')
+        answers.append(type(answer)(kept))
+    if errors:
+        raise ShardError('; '.join(sorted(errors)))
+    if answered and expected_shards and len(answered) < expected_shards:  # no marker: not an indexer endpoint
+        missing = sorted(set(range(expected_shards)) - answered)
+        raise ShardError(f'shards {missing} of {expected_shards} did not answer (down or restarting); retry later')
+    return answers

@@ -48,3 +48,78 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
+
+
+FLOW_FILE = Path(__file__).resolve().parent.parent / 'flows' / 'search_flow.yml'
+
+
+class Service:
+    """A clip-search server started with ``python -m clip_search`` in a subprocess."""
+
+    def __init__(self, process, port: int, log_path: Path):
+        self.process = process
+        self.port = port
+        self.log_path = log_path
+        self.address = f'grpc://127.0.0.1:{port}'
+
+    def client(self):
+        from clip_search.client import Client
+
+        return Client(self.address)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors='replace') if self.log_path.exists() else ''
+
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM, as a service manager would send, then wait for a clean exit."""
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_service(
+    model_dir: str | Path,
+    workspace: str | Path,
+    shards: int = 3,
+    flow_file: str | Path = FLOW_FILE,
+    extra_args: tuple[str, ...] = (),
+    log_path: str | Path | None = None,
+    ready_timeout: float = 180,
+) -> Service:
+    """Start the service on a free port and wait until the Flow answers; raise with its log if not."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from jina import Client as JinaClient
+
+    port = free_port()
+    log_path = Path(log_path or Path(workspace).with_name(Path(workspace).name + f'-{port}.log'))
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable, '-m', 'clip_search', str(flow_file),
+        '--port', str(port), '--model', str(model_dir),
+        '--shards', str(shards), '--workspace', str(workspace), *extra_args,
+    ]  # fmt: skip
+    env = dict(os.environ, JINA_HIDE_SURVEY='1')
+    with open(log_path, 'wb') as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    service = Service(process, port, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f'service exited with {process.returncode}:\n{service.log()[-3000:]}')
+        if 'clip-search is serving' in service.log() and JinaClient(host=service.address).is_flow_ready(timeout=2):
+            return service
+        time.sleep(0.5)
+    service.stop()
+    raise TimeoutError(f'service not ready after {ready_timeout}s:\n{service.log()[-3000:]}')

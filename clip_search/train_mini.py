@@ -266,10 +266,88 @@ def _fmt(m: dict) -> str:
             f"{m['t2i_top1']:.3f} (24 captions, gallery {m['gallery']}) | text->image P@10 {m['t2i_p@10']:.3f}")
 
 
+def write_model_card(out: Path, m: dict) -> None:
+    """Write MODEL_CARD.md (recipe, command, timing, held-out and second-renderer figures)."""
+    h, s = m["held_out"], m["second_renderer"]
+    size_mb = (out / "open_clip_model.safetensors").stat().st_size / 1e6
+
+    def row(name: str, d: dict) -> str:
+        return (f"| {name} | {d['n_images']} | {d['i2t_top1']:.3f} | {d['t2i_top1']:.3f} "
+                f"| {d['t2i_p@10']:.3f} |")
+
+    text = f"""# mini_shapes - a tiny CLIP trained from scratch on synthetic colour-shape images
+
+**Demo model only.** It knows 6 colours (red, green, blue, yellow, orange, purple) x 4 shapes
+(circle, square, triangle, star) on simple backgrounds, and captions built from those words.
+It is not a general-purpose image/text model; it exists so `clip-search` can be run and
+tested end to end offline (no pretrained weights can be downloaded).
+
+Load it with open_clip 3.3 (hub layout, `local-dir:` schema):
+
+```python
+import open_clip
+model, _, preprocess = open_clip.create_model_and_transforms('local-dir:clip_search/models/mini_shapes')
+tokenizer = open_clip.get_tokenizer('local-dir:clip_search/models/mini_shapes')
+```
+
+Files: `open_clip_config.json` (`model_cfg` + `preprocess_cfg`), `open_clip_model.safetensors`
+(fp16 weights, {size_mb:.1f} MB; figures below are measured with the fp16-rounded weights),
+`metrics.json` (the figures below, machine-readable).
+
+## Training
+
+- Data: `clip_search/shapes.py` (`make_samples(n, 'train', seed)`): {m['pool']} pre-rendered
+  96 px images (about 10% with two objects, captioned "a red circle and a blue square"), varied
+  size / position / rotation / filled or outlined / anti-aliased or aliased, light and dark
+  backgrounds (plain, noise, stripes, gradient) never close to the object colour, object shade
+  jitter; captions from ~15 templates ("a photo of a small blue square", "a green triangle on
+  a dark background", ...). Augmentation before preprocessing: random crop, low-res resampling
+  (nearest / bilinear / box), blur, JPEG artefacts, brightness/contrast (hue kept); flips per step.
+- Model: open_clip `CLIP` from a custom `model_cfg` ({m['params'] / 1e6:.2f} M parameters): ViT
+  4 layers x 128 wide (4 heads), patch 8, 48 px input; text transformer 3 layers x 48 wide
+  (4 heads), context length 16, standard open_clip tokenizer (vocab 49408); embed dim 128.
+- Loss: CLIP contrastive loss with soft targets (same colour-shape class, or same unordered pair
+  of classes for two-object images, in the batch = positive; targets normalised per row).
+- Optimiser: AdamW (betas 0.9/0.98, weight decay 0.05 on matrices), one-cycle LR
+  (max {m['lr']}, 10% warm-up, cosine), batch {m['batch']}, {m['steps']} steps, grad-clip 1.0, seed {m['seed']}.
+- Hardware/time: CPU, 2 threads; training loop {m['train_seconds'] / 60:.1f} min, whole script
+  (rendering + training + evaluation) {m['total_seconds'] / 60:.1f} min.
+- Exact command (from the repository root):
+
+```
+python -m clip_search.train_mini --out clip_search/models/mini_shapes --steps {m['steps']} --seed {m['seed']}
+```
+
+## Evaluation
+
+Queries are the 24 class captions `"a {{color}} {{shape}}"`.
+Image->text top-1: for each single-object image, the best of the 24 captions must name both
+colour and shape. Text->image: for each caption, the nearest image in a gallery of 10 images
+per class (240) must have that class (fraction of the 24); P@10 is the mean precision of the
+10 nearest images.
+
+| test set | images | image->text top-1 | text->image top-1 | text->image P@10 |
+|---|---|---|---|---|
+{row("held-out split of shapes.py (`make_samples(..., 'test')`)", h)}
+{row("second renderer (numpy masks, not shapes.py)", s)}
+
+The second renderer (`second_renderer_image` in `train_mini.py`) rasterises shapes with numpy
+masks (distance-to-centre circles, rotated or axis-aligned squares, point-in-polygon triangles
+and stars, no anti-aliasing), small and large, on plain white / black / grey / beige
+backgrounds with different RGB shades (e.g. red = (220, 30, 40)), canvas 48-128 px.
+
+## Limitations
+
+Only the colours and shapes above; other words map to arbitrary embeddings. Photos, textures,
+multiple objects beyond two, counting and spatial relations are not supported.
+"""
+    (out / "MODEL_CARD.md").write_text(text)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--steps", type=int, default=3600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pool", type=int, default=30000, help="pre-rendered training images")
     ap.add_argument("--batch", type=int, default=128)
@@ -348,6 +426,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                "pool": args.pool, "batch": args.batch, "lr": args.lr, "train_seconds": round(train_time),
                "total_seconds": round(total), "params": n_params}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_model_card(args.out, metrics)
     log(f"wrote {args.out} (total {total:.0f}s)")
 
 

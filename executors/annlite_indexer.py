@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
-from clip_search.sharding import DEFAULT_LIMIT, owner_shard, shard_status, validate_search_parameters
+from clip_search.sharding import (
+    DEFAULT_LIMIT,
+    owner_shard,
+    shard_marker,
+    shard_status,
+    validate_search_parameters,
+)
 
 SETTINGS_FILE = 'clip_search_index.json'
 
@@ -83,36 +89,69 @@ class AnnLiteIndexer(Executor):
     @requests(on='/index')
     def index(self, docs: DocumentArray, **kwargs) -> DocumentArray:
         """Store (or replace) the documents this shard owns; every shard checks every document."""
-        self._check_embeddings(docs)
-        mine = _last_of_each_id(doc for doc in docs if self._owns(doc.id))
-        if mine:
-            self._replace(mine)
-        return docs
+        return self._answer(self._index_docs, docs)
 
     @requests(on='/update')
     def update(self, docs: DocumentArray, **kwargs) -> DocumentArray:
         """Replace documents that are indexed; an id that is not indexed anywhere is an error."""
-        self._check_embeddings(docs)
-        mine = _last_of_each_id(doc for doc in docs if self._owns(doc.id))
-        missing = [doc.id for doc in mine if not self._contains(doc.id)]
-        if missing:
-            raise KeyError(f'cannot update documents that are not indexed: {missing[:10]} (use /index)')
-        if mine:
-            self._replace(mine)
-        return docs
+        return self._answer(self._update_docs, docs)
 
     @requests(on='/delete')
     def delete(self, docs: DocumentArray, **kwargs) -> DocumentArray:
         """Delete by id; ``tags['deleted']`` tells whether this shard held the document."""
+        return self._answer(self._delete_docs, docs)
+
+    @requests(on='/search')
+    def search(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
+        """Attach this shard's top-``limit`` matches, ascending cosine distance, to every query."""
+        return self._answer(self._search_docs, docs, parameters)
+
+    @requests(on='/status')
+    def status(self, **kwargs) -> DocumentArray:
+        """This shard's document count and the index settings, in the merged status format."""
+        return self._answer(self._status)
+
+    def close(self) -> None:
+        self._index.close()
+        super().close()
+
+    def _answer(self, handler: Callable, *args) -> DocumentArray:
+        """Run a handler; in a sharded index, report the outcome in-band for the merger to read."""
+        if self.shards == 1:
+            return handler(*args)
+        try:
+            answer = handler(*args)
+        except Exception as exc:
+            self.logger.error(f'shard {self.shard_id}: {exc!r}')
+            return DocumentArray([shard_marker(self.shard_id, error=f'{type(exc).__name__}: {exc}')])
+        answer.append(shard_marker(self.shard_id))
+        return answer
+
+    def _index_docs(self, docs: DocumentArray) -> DocumentArray:
+        self._check_embeddings(docs)
+        mine = _last_of_each_id(doc for doc in docs if self._owns(doc.id))
+        if mine:
+            self._replace(mine)
+        return docs
+
+    def _update_docs(self, docs: DocumentArray) -> DocumentArray:
+        self._check_embeddings(docs)
+        mine = _last_of_each_id(doc for doc in docs if self._owns(doc.id))
+        missing = [doc.id for doc in mine if not self._contains(doc.id)]
+        if missing:
+            raise ValueError(f'cannot update documents that are not indexed: {missing[:10]} (use /index)')
+        if mine:
+            self._replace(mine)
+        return docs
+
+    def _delete_docs(self, docs: DocumentArray) -> DocumentArray:
         present = [doc.id for doc in docs if self._contains(doc.id)]
         if present:
             self._index.delete(present)
         present_ids = set(present)
         return DocumentArray(Document(id=doc.id, tags={'deleted': doc.id in present_ids}) for doc in docs)
 
-    @requests(on='/search')
-    def search(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
-        """Attach this shard's top-``limit`` matches, ascending cosine distance, to every query."""
+    def _search_docs(self, docs: DocumentArray, parameters: dict) -> DocumentArray:
         limit, search_filter = validate_search_parameters(
             parameters, self.default_limit, [name for name, _ in self.columns]
         )
@@ -128,14 +167,8 @@ class AnnLiteIndexer(Executor):
                 match.embedding = None  # nobody needs 512 floats per match over the wire
         return docs
 
-    @requests(on='/status')
-    def status(self, **kwargs) -> DocumentArray:
-        """This shard's document count and the index settings, in the merged status format."""
+    def _status(self) -> DocumentArray:
         return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings)])
-
-    def close(self) -> None:
-        self._index.close()
-        super().close()
 
     def _owns(self, doc_id: str) -> bool:
         return owner_shard(doc_id, self.shards) == self.shard_id

@@ -11,7 +11,7 @@ from typing import Iterable, List, Optional
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
-from clip_search.sharding import DEFAULT_LIMIT, merge_status
+from clip_search.sharding import DEFAULT_LIMIT, merge_status, split_shard_answers
 
 
 class ShardMerger(Executor):
@@ -21,6 +21,7 @@ class ShardMerger(Executor):
         """:param limit: matches per query when the request does not say (keep equal to the indexer's)"""
         super().__init__(*args, **kwargs)
         self.default_limit = limit
+        self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)  # the indexer's shard count
 
     @requests(on='/search')
     def merge_matches(
@@ -29,6 +30,7 @@ class ShardMerger(Executor):
         """Global top-``limit`` per query: all shards' matches, one per id, ascending distance."""
         if not docs_matrix:
             return None
+        docs_matrix = split_shard_answers(docs_matrix, self.shards)
         limit = int(parameters.get('limit') or self.default_limit)
         queries = _first_of_each_id(docs_matrix)
         for query in queries:
@@ -41,6 +43,7 @@ class ShardMerger(Executor):
         """Total and per-shard document counts."""
         if not docs_matrix:
             return None
+        docs_matrix = split_shard_answers(docs_matrix, self.shards)
         return DocumentArray([merge_status(doc for answer in docs_matrix for doc in answer)])
 
     @requests(on='/delete')
@@ -48,6 +51,7 @@ class ShardMerger(Executor):
         """A document was deleted when any shard held it."""
         if not docs_matrix:
             return None
+        docs_matrix = split_shard_answers(docs_matrix, self.shards)
         merged = _first_of_each_id(docs_matrix)
         for doc in merged:
             doc.tags['deleted'] = any(
@@ -60,7 +64,7 @@ class ShardMerger(Executor):
         """/index and /update: every shard saw the same documents; return them once."""
         if not docs_matrix:
             return None
-        return _first_of_each_id(docs_matrix)
+        return _first_of_each_id(split_shard_answers(docs_matrix, self.shards))
 
 
 def _first_of_each_id(docs_matrix: List[DocumentArray]) -> DocumentArray:

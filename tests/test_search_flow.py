@@ -1,0 +1,236 @@
+"""The sharded search Flow, end to end over gRPC: ranks, scores, placement, update, delete, status."""
+
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+from docarray import Document, DocumentArray
+
+from clip_search import RequestError
+from clip_search.testing import start_service
+from conftest import FLOW_FILE, png_bytes
+
+WORDS = 'red green blue small large happy sad river mountain city cat dog apple music night'.split()
+
+
+def corpus(n_texts: int = 240, n_images: int = 60, prefix: str = 'doc') -> DocumentArray:
+    """Distinct texts and images, with ids and filterable tags."""
+    rng = np.random.default_rng(7)
+    docs = DocumentArray()
+    for i in range(n_texts):
+        words = ' '.join(rng.choice(WORDS, size=4))
+        docs.append(Document(id=f'{prefix}-t{i}', text=f'{words} number {i}', tags={'color': WORDS[i % 3]}))
+    for i in range(n_images):
+        docs.append(Document(id=f'{prefix}-i{i}', blob=png_bytes(i), tags={'color': WORDS[i % 3]}))
+    return docs
+
+
+def brute_force_top(query: np.ndarray, corpus_embeddings: np.ndarray, ids: list[str], k: int):
+    distances = 1.0 - corpus_embeddings @ query
+    order = np.argsort(distances, kind='stable')[:k]
+    return [ids[i] for i in order], distances[order]
+
+
+def assert_well_formed(matches, limit: int) -> None:
+    """Exactly ``limit`` unique matches, each with a cosine score, in ascending order."""
+    assert len(matches) == limit
+    ids = [m.id for m in matches]
+    assert len(set(ids)) == limit
+    assert all('cosine' in m.scores for m in matches)
+    values = [m.scores['cosine'].value for m in matches]
+    assert values == sorted(values)
+
+
+@pytest.fixture(scope='module')
+def service(tmp_path_factory, tiny_model):
+    """One 3-shard service shared by the tests of this module (they use distinct ids)."""
+    workspace = tmp_path_factory.mktemp('shared') / 'workspace'
+    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
+    yield service
+    service.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('shards', [1, 2, 3, 5])
+def test_results_equal_brute_force_ranking_for_any_shard_count(service_factory, shards):
+    client = service_factory(shards=shards).client()
+    docs = corpus()
+    client.index(docs, batch_size=50)
+    embeddings = client.encode(DocumentArray(Document(d, copy=True) for d in docs)).embeddings
+    ids = docs[:, 'id']
+
+    results = client.search(DocumentArray(Document(d, copy=True) for d in docs), limit=10)
+
+    hits = 0
+    for doc, query, result in zip(docs, embeddings, results):
+        expected_ids, expected_distances = brute_force_top(query, embeddings, ids, 10)
+        assert_well_formed(result.matches, 10)
+        assert result.matches[0].id == doc.id  # every text and image finds itself first
+        assert result.matches[0].scores['cosine'].value == pytest.approx(0.0, abs=1e-5)
+        got = [m.scores['cosine'].value for m in result.matches]
+        np.testing.assert_allclose(got, expected_distances, atol=1e-4)
+        hits += len(set(expected_ids) & {m.id for m in result.matches})
+    assert hits / (10 * len(docs)) >= 0.99
+    status = client.status()
+    assert status['documents'] == len(docs)
+    assert len(status['shards']) == shards
+    assert sum(s['documents'] for s in status['shards']) == len(docs)
+
+
+def test_limit_is_global_not_per_shard(service):
+    client = service.client()
+    client.index([Document(id=f'limit-{i}', text=f'limit test sentence {i}') for i in range(40)])
+    for limit in (1, 3, 10, 25):
+        matches = client.search(['limit test sentence 3'], limit=limit)[0].matches
+        assert_well_formed(matches, limit)
+    assert len(client.search(['anything'])[0].matches) == 10  # the default limit
+
+
+def test_fewer_documents_than_limit_returns_them_all(tmp_path, tiny_model, service_factory):
+    client = service_factory(shards=3).client()
+    client.index(['one', 'two', 'three', 'four'])
+    matches = client.search(['one'], limit=10)[0].matches
+    assert_well_formed(matches, 4)
+    assert matches[0].text == 'one'
+
+
+def test_text_and_image_inputs_of_every_kind_are_encoded_and_found(service, tmp_path):
+    client = service.client()
+    image_file = tmp_path / 'picture.png'
+    image_file.write_bytes(png_bytes(101))
+    data_uri = 'data:image/png;base64,' + base64.b64encode(png_bytes(102)).decode()
+    tensor = np.random.default_rng(103).integers(0, 255, (30, 30, 3), dtype=np.uint8)
+    docs = DocumentArray(
+        [
+            Document(id='kind-text', text='a sentence about kinds of input'),
+            Document(id='kind-path', uri=str(image_file)),
+            Document(id='kind-data-uri', uri=data_uri),
+            Document(id='kind-blob', blob=png_bytes(104)),
+            Document(id='kind-tensor', tensor=tensor),
+        ]
+    )
+    client.index(docs)
+    queries = DocumentArray(Document(d, copy=True) for d in docs)
+    for query, result in zip(queries, client.search(queries, limit=3)):
+        assert result.matches[0].id == query.id
+    # the client turns a path string into an image document, like clip_client does
+    assert client.search([str(image_file)], limit=1)[0].matches[0].id == 'kind-path'
+
+
+def test_encode_returns_normalised_float32_embeddings(service):
+    client = service.client()
+    embeddings = client.encode(['a text', 'another text', 'x' * 5000])  # longer than the context: truncated
+    assert embeddings.shape == (3, 64)
+    assert embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(embeddings[0], embeddings[1])
+    again = client.encode(['a text'])
+    np.testing.assert_allclose(again[0], embeddings[0], atol=1e-6)
+
+
+def test_index_of_an_existing_id_replaces_it(service):
+    client = service.client()
+    before = client.status()['documents']
+    client.index([Document(id='replace-me', text='the first version about oceans')])
+    client.index([Document(id='replace-me', text='the second version about deserts')])
+    assert client.status()['documents'] == before + 1
+    matches = client.search(['the second version about deserts'], limit=50)[0].matches
+    assert matches[0].id == 'replace-me'
+    assert matches[0].text == 'the second version about deserts'
+    assert [m.id for m in matches].count('replace-me') == 1
+
+
+def test_update_replaces_content_and_tags_and_refuses_unknown_ids(service):
+    client = service.client()
+    client.index([Document(id='upd-1', text='a poem about rain', tags={'color': 'red'})])
+    client.update([Document(id='upd-1', text='a song about sunshine', tags={'color': 'blue'})])
+    match = client.search(['a song about sunshine'], limit=1)[0].matches[0]
+    assert (match.id, match.text, match.tags['color']) == ('upd-1', 'a song about sunshine', 'blue')
+    blue = client.search(['a song about sunshine'], limit=50, filter={'color': {'$eq': 'blue'}})[0].matches
+    red = client.search(['a song about sunshine'], limit=50, filter={'color': {'$eq': 'red'}})[0].matches
+    assert 'upd-1' in blue[:, 'id'] and 'upd-1' not in red[:, 'id']
+    with pytest.raises(RequestError, match='never-indexed'):
+        client.update([Document(id='never-indexed', text='nothing')])
+
+
+def test_delete_removes_documents_from_every_shard(service):
+    client = service.client()
+    client.index([Document(id=f'del-{i}', text=f'to be deleted {i}') for i in range(12)])
+    before = client.status()['documents']
+    deleted = client.delete([f'del-{i}' for i in range(6)] + ['del-unknown'])
+    assert sorted(deleted) == sorted(f'del-{i}' for i in range(6))
+    assert client.status()['documents'] == before - 6
+    found = client.search(['to be deleted 1'], limit=100)[0].matches[:, 'id']
+    assert not {f'del-{i}' for i in range(6)} & set(found)
+    assert {f'del-{i}' for i in range(6, 12)} <= set(found)
+
+
+def test_filters_on_tag_columns(service):
+    client = service.client()
+    client.index(
+        [Document(id=f'flt-{i}', text=f'filter sample {i}', tags={'color': c, 'shape': s})
+         for i, (c, s) in enumerate([('red', 'circle'), ('red', 'star'), ('blue', 'circle')] * 4)]
+    )  # fmt: skip
+    red = client.search(['filter sample'], limit=100, filter={'color': {'$eq': 'red'}})[0].matches
+    assert len([m for m in red if m.id.startswith('flt-')]) == 8
+    assert all(m.tags['color'] == 'red' for m in red)
+    both = client.search(
+        ['filter sample'], limit=100, filter={'$and': [{'color': {'$eq': 'red'}}, {'shape': {'$eq': 'circle'}}]}
+    )[0].matches
+    assert {(m.tags['color'], m.tags['shape']) for m in both} == {('red', 'circle')}
+    members = client.search(['filter sample'], limit=100, filter={'shape': {'$in': ['star']}})[0].matches
+    assert {m.tags['shape'] for m in members} == {'star'}
+
+
+def test_status_reports_totals_per_shard_and_settings(service):
+    client = service.client()
+    client.index([Document(id=f'st-{i}', text=f'status {i}') for i in range(30)])
+    status = client.status()
+    assert [s['shard'] for s in status['shards']] == [0, 1, 2]
+    assert status['documents'] == sum(s['documents'] for s in status['shards'])
+    assert all(s['documents'] > 0 for s in status['shards'])  # the hash spreads ids over shards
+    assert status['index']['n_dim'] == 64
+    assert status['index']['metric'] == 'cosine'
+    assert status['index']['shards'] == 3
+
+
+def test_bad_search_parameters_are_refused_by_name(service):
+    client = service.client()
+    client.index([Document(id='param-doc', text='parameters')])
+    with pytest.raises(RequestError, match='limit'):
+        client.search(['parameters'], limit=0)
+    with pytest.raises(RequestError, match="unknown columns \\['price'\\]"):
+        client.search(['parameters'], filter={'price': {'$lt': 3}})
+    with pytest.raises(RequestError, match='malformed'):
+        client.search(['parameters'], filter={'color': {'$like': 'r%'}})
+    # and the service still answers afterwards
+    assert client.search(['parameters'], limit=1)[0].matches[0].id == 'param-doc'
+
+
+def test_bad_documents_are_refused_by_id_and_nothing_of_the_batch_is_indexed(service, tmp_path):
+    client = service.client()
+    before = client.status()['documents']
+    batch = [
+        Document(id='batch-good', text='a good document'),
+        Document(id='batch-missing-file', uri=str(tmp_path / 'nope.png')),
+    ]
+    with pytest.raises(RequestError, match='batch-missing-file'):
+        client.index(batch)
+    assert client.status()['documents'] == before
+    with pytest.raises(RequestError, match='batch-empty'):
+        client.index([Document(id='batch-empty')])
+    with pytest.raises(RequestError, match='batch-wrong-dim'):
+        client.index([Document(id='batch-wrong-dim', embedding=np.ones(3, dtype=np.float32))])
+    assert client.status()['documents'] == before
+
+
+def test_documents_carrying_their_embedding_are_indexed_as_given(service):
+    client = service.client()
+    vector = np.random.default_rng(5).normal(size=64).astype(np.float32)
+    vector /= np.linalg.norm(vector)
+    client.index([Document(id='given-embedding', embedding=vector, tags={'color': 'green'})])
+    match = client.search([Document(embedding=vector)], limit=1)[0].matches[0]
+    assert match.id == 'given-embedding'
+    assert match.scores['cosine'].value == pytest.approx(0.0, abs=1e-5)
