@@ -234,3 +234,25 @@ def test_documents_carrying_their_embedding_are_indexed_as_given(service):
     match = client.search([Document(embedding=vector)], limit=1)[0].matches[0]
     assert match.id == 'given-embedding'
     assert match.scores['cosine'].value == pytest.approx(0.0, abs=1e-5)
+
+
+def test_images_are_fetched_from_http_urls(service, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / 'remote.png').write_bytes(png_bytes(201))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f'http://127.0.0.1:{server.server_port}/remote.png'
+        client = service.client()
+        client.index([Document(id='from-http', uri=url)])
+        match = client.search([Document(blob=png_bytes(201))], limit=1)[0].matches[0]
+        assert (match.id, match.uri) == ('from-http', url)
+        assert match.scores['cosine'].value == pytest.approx(0.0, abs=1e-5)
+        with pytest.raises(RequestError, match="from-http-404.*could not be fetched"):
+            client.index([Document(id='from-http-404', uri=url.replace('remote', 'missing'))])
+    finally:
+        server.shutdown()

@@ -1,0 +1,46 @@
+"""The unmodified upstream ``clip_client`` works against our server, as in the chapter."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import png_bytes
+
+
+@pytest.fixture
+def chapter_service(service_factory):
+    return service_factory(shards=3)
+
+
+def test_chapter_example_index_then_search(chapter_service, tmp_path):
+    from clip_client import Client
+
+    apple = tmp_path / 'apple.png'
+    apple.write_bytes(png_bytes(11))
+    client = Client(chapter_service.address)
+    texts = ['she smiled, with pain', 'the cat sat on the mat', 'a quiet night in the city'] + [
+        f'filler sentence number {i}' for i in range(20)
+    ]
+    client.index(texts + [str(apple)])
+
+    results = client.search(texts + [str(apple)], limit=5)
+
+    assert len(results) == len(texts) + 1
+    for query, result in zip(texts + [str(apple)], results):
+        matches = result.matches
+        assert len(matches) == 5
+        assert len(set(matches[:, 'id'])) == 5
+        distances = [m.scores['cosine'].value for m in matches]
+        assert distances == sorted(distances)
+        assert (matches[0].text or matches[0].uri) == query  # each indexed item finds itself first
+        assert distances[0] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_clip_client_encode_and_default_limit(chapter_service):
+    from clip_client import Client
+
+    client = Client(chapter_service.address)
+    embeddings = client.encode(['hello', 'world'])
+    assert embeddings.shape == (2, 64)
+    client.index([f'sentence {i}' for i in range(15)])
+    assert len(client.search(['sentence 1'])[0].matches) == 10
