@@ -82,7 +82,31 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        _kill_group(self.process.pid, signal.SIGKILL)  # leave no executor behind
         return self.process.returncode
+
+    def kill(self) -> None:
+        """``kill -9`` every process of the service: the gateway, the executors, the CLI."""
+        import signal
+
+        _kill_group(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+    def processes(self) -> list[int]:
+        """Pids of every process of the service (the CLI and the executors it started)."""
+        import subprocess
+
+        out = subprocess.run(['pgrep', '-g', str(self.process.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
+
+
+def _kill_group(pgid: int, sig) -> None:
+    import os
+
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def start_service(
@@ -112,7 +136,8 @@ def start_service(
     ]  # fmt: skip
     env = dict(os.environ, JINA_HIDE_SURVEY='1')
     with open(log_path, 'wb') as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        # a session of its own: kill() can then reach every process of the service at once
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     service = Service(process, port, log_path)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:

@@ -1,0 +1,64 @@
+"""``python -m clip_search.demo``: index a small shapes collection and print searches, chapter style.
+
+Meant for a service started with ``--model mini::shapes`` (the bundled demo model), which knows
+colours and shapes and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+from docarray import Document, DocumentArray
+
+from clip_search.client import Client
+from clip_search.shapes import write_demo_collection
+
+DEMO_TEXTS = [
+    'a red circle',
+    'a green square',
+    'a blue triangle',
+    'a yellow star',
+    'an orange circle',
+    'a purple square',
+    'she smiled, with pain',
+]
+DEMO_QUERIES = ['a red circle', 'a purple star', 'a small green triangle on a dark background']
+
+
+def print_matches(query: str, result: Document, shown: int = 3) -> None:
+    """Query, then its best matches with their cosine distances (ascending)."""
+    print(f'{query!r}:')
+    for match in result.matches[:shown]:
+        content = match.text or Path(match.uri).name
+        print(f'    {match.scores["cosine"].value:.3f}  {content}')
+
+
+def run_demo(server: str, image_dir: Path, limit: int = 3) -> DocumentArray:
+    """Index the demo images and texts, then search by text and by image; return the results."""
+    client = Client(server)
+    images = write_demo_collection(image_dir, n_per_class=1, seed=0)
+    client.index([Document(id=f'image:{p.name}', uri=str(p.resolve())) for p in images])
+    client.index([Document(id=f'text:{t}', text=t) for t in DEMO_TEXTS])
+    print(f'indexed {len(images)} images from {image_dir} and {len(DEMO_TEXTS)} texts\n')
+    results = client.search(DEMO_QUERIES, limit=limit)
+    for query, result in zip(DEMO_QUERIES, results):
+        print_matches(query, result, limit)
+    image_query = str((image_dir / 'blue_square_0.png').resolve())
+    by_image = client.search([image_query], limit=limit + 1)
+    print_matches(f'image {Path(image_query).name}', by_image[0], limit + 1)
+    return results
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m clip_search.demo', description=__doc__.splitlines()[0])
+    parser.add_argument('--server', default='grpc://localhost:61000', help='the running service')
+    parser.add_argument('--images', default='demo_images', help='where to write the demo images')
+    args = parser.parse_args(argv)
+    run_demo(args.server, Path(args.images))
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""Nothing acknowledged is lost: kill -9 of the whole service, a dead shard, bad input from both clients."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+import numpy as np
+import pytest
+from docarray import Document
+
+from clip_search import RequestError
+from clip_search.testing import start_service
+from conftest import FLOW_FILE, png_bytes
+
+
+def shard_pids(service) -> dict[int, int]:
+    """Indexer shard number -> pid, read from the service's log lines (``indexer/shard-1/rep-0@PID``)."""
+    return {int(s): int(pid) for s, pid in re.findall(r'indexer/shard-(\d+)/rep-0@(\d+)', service.log())}
+
+
+@pytest.mark.slow
+def test_acknowledged_documents_survive_kill_9_of_every_process(tmp_path, tiny_model):
+    workspace = tmp_path / 'workspace'
+    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
+    client = service.client()
+    acknowledged = []
+    for batch in range(5):
+        docs = [Document(id=f'k-{batch}-{i}', text=f'durable sentence {batch} {i}') for i in range(40)]
+        client.index(docs, batch_size=40)
+        acknowledged += [d.id for d in docs]
+    client.delete(['k-0-0'])
+    acknowledged.remove('k-0-0')
+    assert len(service.processes()) >= 6  # the CLI, gateway, encoder, head, merger and shards
+    service.kill()  # no chance to flush anything
+
+    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
+    try:
+        client = service.client()
+        assert client.status()['documents'] == len(acknowledged)
+        results = client.search([f'durable sentence {b} {i}' for b in range(5) for i in (1, 39)], limit=1)
+        assert [r.matches[0].id for r in results] == [f'k-{b}-{i}' for b in range(5) for i in (1, 39)]
+        assert 'k-0-0' not in client.search(['durable sentence 0 0'], limit=20)[0].matches[:, 'id']
+    finally:
+        service.stop()
+
+
+@pytest.mark.slow
+def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path, tiny_model):
+    workspace = tmp_path / 'workspace'
+    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
+    client = service.client()
+    client.index([Document(id=f'f-{i}', text=f'fault sentence {i}') for i in range(60)])
+    before = client.status()
+    pid = shard_pids(service)[1]
+    import os
+
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(1)
+
+    started = time.monotonic()
+    with pytest.raises(RequestError, match=r'shards \[1\] of 3 did not answer'):
+        client.search(['fault sentence 3'])
+    with pytest.raises(RequestError, match=r'shards \[1\] of 3'):
+        client.status()
+    with pytest.raises(RequestError, match=r'shards \[1\] of 3'):
+        client.index([Document(id='f-new', text='written while a shard is down')])
+    assert time.monotonic() - started < 60  # errors, not hangs
+    service.stop()
+
+    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
+    try:
+        client = service.client()
+        status = client.status()
+        assert status['documents'] in (before['documents'], before['documents'] + 1)
+        assert [s['documents'] for s in status['shards']][1] == before['shards'][1]['documents']
+        client.index([Document(id='f-new', text='written while a shard is down')])  # a retry is safe: upsert
+        assert client.status()['documents'] == before['documents'] + 1
+        assert client.search(['fault sentence 7'], limit=1)[0].matches[0].id == 'f-7'
+    finally:
+        service.stop()
+
+
+BAD_DOCUMENTS = {
+    'missing file': (lambda tmp: Document(id='bad-missing', uri=str(tmp / 'missing.png')), 'does not exist'),
+    'corrupt image': (lambda tmp: Document(id='bad-corrupt', blob=png_bytes(1)[:60]), 'not a readable image'),
+    'not an image': (lambda tmp: Document(id='bad-bytes', blob=b'%PDF-1.4 definitely not an image'), 'not a readable image'),
+    'empty': (lambda tmp: Document(id='bad-empty'), 'empty'),
+    'unreachable url': (lambda tmp: Document(id='bad-url', uri='http://10.255.255.1/cat.png'), 'could not be fetched'),
+    'unsupported mime': (lambda tmp: Document(id='bad-mime', uri=str(tmp / 'notes.txt')), "mime type 'text/plain'"),
+    'wrong dimension': (lambda tmp: Document(id='bad-dim', embedding=np.ones(7, dtype=np.float32)), 'shape (7,)'),
+}
+
+
+@pytest.fixture(scope='module')
+def service(tmp_path_factory, tiny_model):
+    service = start_service(tiny_model, tmp_path_factory.mktemp('bad') / 'workspace', shards=2, flow_file=FLOW_FILE)
+    service.client().index([Document(id=f'keep-{i}', text=f'kept sentence {i}') for i in range(20)])
+    yield service
+    service.stop()
+
+
+@pytest.mark.parametrize('case', list(BAD_DOCUMENTS))
+def test_a_bad_document_is_refused_by_name_and_nothing_of_its_batch_is_stored(service, tmp_path, case):
+    (tmp_path / 'notes.txt').write_text('hello')
+    make, reason = BAD_DOCUMENTS[case]
+    bad = make(tmp_path)
+    client = service.client()
+    started = time.monotonic()
+    with pytest.raises(RequestError) as error:
+        client.index([Document(id=f'good-{case}', text='a good neighbour'), bad])
+    assert time.monotonic() - started < 30
+    assert bad.id in str(error.value) and reason in str(error.value)
+    status = client.status()
+    assert status['documents'] == 20  # nothing of the batch, nothing lost
+    assert client.search(['kept sentence 3'], limit=1)[0].matches[0].id == 'keep-3'
+
+
+def test_the_unmodified_clip_client_gets_the_same_errors(service, tmp_path):
+    from clip_client import Client
+
+    (tmp_path / 'notes.txt').write_text('hello')
+    client = Client(service.address)
+    for case, (make, reason) in BAD_DOCUMENTS.items():
+        bad = make(tmp_path)
+        started = time.monotonic()
+        with pytest.raises(BaseException) as error:  # jina's client cancels (CancelledError) on bad input
+            client.index([bad])
+        assert time.monotonic() - started < 30
+        message = str(error.value)
+        # clip_client itself refuses documents without content, and reads every uri before sending
+        refused_locally = case in ('empty', 'wrong dimension') or bool(bad.uri)
+        # (those local errors are clip_client's own wording; what reaches our server names the document)
+        if not refused_locally:
+            assert bad.id in message and reason in message
+    with pytest.raises(Exception, match='limit'):
+        client.search(['kept sentence'], limit=0)
+    assert len(client.search(['kept sentence 3'], limit=3)[0].matches) == 3
+    assert service.client().status()['documents'] == 20
+
+
+def test_a_text_longer_than_the_context_is_truncated_and_indexed(service):
+    client = service.client()
+    long_text = 'word ' * 2000
+    client.index([Document(id='long-text', text=long_text)])
+    assert client.search([long_text], limit=1)[0].matches[0].id == 'long-text'
+    client.delete(['long-text'])
