@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         help='CLIP model: a clip-server name (ViT-B-32::openai), any open_clip ARCH::TAG, hf-hub:ORG/REPO, '
         'a local checkpoint directory in open_clip hub layout, or mini::shapes (bundled, offline)',
     )
+    parser.add_argument('--tls-cert', help='PEM certificate: serve gRPC over TLS (clients use grpcs://); needs --tls-key')
+    parser.add_argument('--tls-key', help='PEM private key of --tls-cert')
     parser.add_argument('--shards', type=int, help='number of indexer shards (a workspace keeps the count it was built with)')
     parser.add_argument('--workspace', help='directory where the index is stored (the YAML says ./workspace)')
     return parser
@@ -51,6 +53,8 @@ def load_flow_config(
     model: Optional[str] = None,
     shards: Optional[int] = None,
     workspace: Optional[str] = None,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
 ) -> dict:
     """Read the Flow YAML and apply the command-line overrides; the index dimension follows the model."""
     config = yaml.safe_load(Path(flow_file).read_text())
@@ -62,8 +66,13 @@ def load_flow_config(
     config['with'] = flow_with
     if port is not None:
         flow_with['port'] = port
+    gateway = config.setdefault('gateway', {}) or {}  # the gateway's alone: 'with' reaches every executor
+    config['gateway'] = gateway
     if host is not None:
-        flow_with['host'] = host
+        gateway['host'] = host
+    if tls_cert or tls_key:
+        gateway.update(_tls_settings(tls_cert, tls_key))
+    _keep_executors_on_loopback(config)
     encoder_with = encoder.setdefault('uses_with', {}) or {}
     encoder['uses_with'] = encoder_with
     if model is not None:
@@ -118,8 +127,9 @@ def serve(config: dict, stop_event: Optional[threading.Event] = None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     flow = Flow.load_config(config)
+    scheme = 'grpcs' if (config.get('gateway') or {}).get('ssl_certfile') else 'grpc'
     with flow:
-        print(f'clip-search is serving on grpc://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
+        print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
         try:
             flow.block(stop_event=stop_event)
         except KeyboardInterrupt:
@@ -138,6 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model=args.model,
             shards=args.shards,
             workspace=args.workspace,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
         )
     except (ModelUnavailableError, FlowConfigError, OSError, yaml.YAMLError) as exc:
         print(f'clip-search: {exc}', file=sys.stderr)
@@ -148,6 +160,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
         return 1
     return 0
+
+
+def _keep_executors_on_loopback(config: dict) -> None:
+    """Executors listen on random unauthenticated ports: bind them to 127.0.0.1 unless the YAML says."""
+    for executor in config['executors']:
+        executor.setdefault('host', '127.0.0.1')
+
+
+def _tls_settings(cert: Optional[str], key: Optional[str]) -> dict:
+    if not (cert and key):
+        raise FlowConfigError('TLS needs both --tls-cert and --tls-key')
+    for option, path in (('--tls-cert', cert), ('--tls-key', key)):
+        if not Path(path).is_file():
+            raise FlowConfigError(f'{option} {path}: no such file')
+    return {'ssl_certfile': str(Path(cert).resolve()), 'ssl_keyfile': str(Path(key).resolve())}
 
 
 def _find_executor(config: dict, class_name: str, flow_file) -> dict:

@@ -30,6 +30,7 @@ class CLIPEncoder(Executor):
         minibatch_size: int = 32,
         num_workers: int = 4,
         uri_timeout: float = DEFAULT_URI_TIMEOUT,
+        max_request_docs: int = 2048,
         *args,
         **kwargs,
     ):
@@ -38,11 +39,13 @@ class CLIPEncoder(Executor):
         :param minibatch_size: inputs per forward pass
         :param num_workers: threads that load and preprocess images in parallel
         :param uri_timeout: seconds to wait for an http(s) image before giving up
+        :param max_request_docs: refuse requests with more documents (one client cannot exhaust memory)
         """
         super().__init__(*args, **kwargs)
         self.device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         self.minibatch_size = minibatch_size
         self.uri_timeout = uri_timeout
+        self.max_request_docs = max_request_docs
         self._clip = load_model(resolve_model(name), self.device)
         self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix='preprocess')
         self.logger.info(f'loaded {name} ({self._clip.spec.embed_dim}-d) on {self.device}')
@@ -61,6 +64,11 @@ class CLIPEncoder(Executor):
 
     def embed(self, docs: DocumentArray) -> None:
         """Encode every document with content, in minibatches, writing ``doc.embedding``."""
+        if len(docs) > self.max_request_docs:
+            raise ValueError(
+                f'the request has {len(docs)} documents, more than max_request_docs={self.max_request_docs}: '
+                f'send smaller batches (batch_size)'
+            )
         kinds = [content_kind(doc) for doc in docs]  # raises on the first empty document
         texts = [doc for doc, kind in zip(docs, kinds) if kind == 'text']
         images = [doc for doc, kind in zip(docs, kinds) if kind == 'image']

@@ -1,0 +1,59 @@
+"""Several clients at once: nothing lost, nothing duplicated, counts match what was acknowledged."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from docarray import Document
+
+from clip_search import Client
+
+
+@pytest.mark.slow
+def test_concurrent_clients_lose_and_duplicate_nothing(service_factory):
+    service = service_factory(shards=3)
+    acknowledged: set[str] = set()
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def indexer(worker: int) -> None:
+        client = Client(service.address)
+        for batch in range(6):
+            # every worker also re-sends ids of the shared range: upserts must not duplicate
+            docs = [Document(id=f'w{worker}-{batch}-{i}', text=f'worker {worker} batch {batch} item {i}') for i in range(15)]
+            docs += [Document(id=f'shared-{batch}-{i}', text=f'shared batch {batch} item {i}') for i in range(5)]
+            client.index(docs, batch_size=10)
+            with lock:
+                acknowledged.update(d.id for d in docs)
+
+    def searcher(worker: int) -> None:
+        client = Client(service.address)
+        for round_ in range(15):
+            for result in client.search([f'worker {worker} batch 1 item {round_}'], limit=5):
+                ids = [m.id for m in result.matches]
+                assert len(ids) == len(set(ids))
+                distances = [m.scores['cosine'].value for m in result.matches]
+                assert distances == sorted(distances)
+
+    def run(target, worker):
+        try:
+            target(worker)
+        except BaseException as exc:  # surfaced below: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(indexer, w)) for w in range(3)]
+    threads += [threading.Thread(target=run, args=(searcher, w)) for w in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+
+    client = service.client()
+    status = client.status()
+    assert status['documents'] == len(acknowledged) == 3 * 6 * 15 + 6 * 5
+    results = client.search([f'worker 2 batch {b} item 7' for b in range(6)] + ['shared batch 3 item 2'], limit=3)
+    assert [r.matches[0].id for r in results] == [f'w2-{b}-7' for b in range(6)] + ['shared-3-2']
+    shared = client.search(['shared batch 0 item 0'], limit=200)[0].matches[:, 'id']
+    assert len(shared) == len(set(shared))
