@@ -100,6 +100,14 @@ class Service:
         return [int(pid) for pid in out.split()]
 
 
+def _accepts_connections(port: int) -> bool:
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
 def _kill_group(pgid: int, sig) -> None:
     import os
 
@@ -124,8 +132,6 @@ def start_service(
     import sys
     import time
 
-    from jina import Client as JinaClient
-
     port = free_port()
     log_path = Path(log_path or Path(workspace).with_name(Path(workspace).name + f'-{port}.log'))
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +149,8 @@ def start_service(
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f'service exited with {process.returncode}:\n{service.log()[-3000:]}')
-        if 'clip-search is serving' in service.log() and JinaClient(host=service.address).is_flow_ready(timeout=2):
+        # printed once Jina reports every executor ready (works for TLS too, unlike a plaintext probe)
+        if 'clip-search is serving' in service.log() and _accepts_connections(port):
             return service
         time.sleep(0.5)
     service.stop()
