@@ -7,13 +7,15 @@ colours and shapes and nothing else.
 from __future__ import annotations
 
 import argparse
+import io
+import random
 from pathlib import Path
 from typing import Optional, Sequence
 
 from docarray import Document, DocumentArray
 
 from clip_search.client import Client
-from clip_search.shapes import write_demo_collection
+from clip_search.shapes import draw_shape_image, write_demo_collection
 
 DEMO_TEXTS = [
     'a red circle',
@@ -22,6 +24,7 @@ DEMO_TEXTS = [
     'a yellow star',
     'an orange circle',
     'a purple square',
+    'a blue square',
     'she smiled, with pain',
 ]
 DEMO_QUERIES = ['a red circle', 'a purple star', 'a small green triangle on a dark background']
@@ -29,7 +32,7 @@ DEMO_QUERIES = ['a red circle', 'a purple star', 'a small green triangle on a da
 
 def print_matches(query: str, result: Document, shown: int = 3) -> None:
     """Query, then its best matches with their cosine distances (ascending)."""
-    print(f'{query!r}:')
+    print(f'{query if query.startswith("<") else repr(query)}:')
     for match in result.matches[:shown]:
         content = match.text or Path(match.uri).name
         print(f'    {match.scores["cosine"].value:.3f}  {content}')
@@ -45,9 +48,11 @@ def run_demo(server: str, image_dir: Path, limit: int = 3) -> DocumentArray:
     results = client.search(DEMO_QUERIES, limit=limit)
     for query, result in zip(DEMO_QUERIES, results):
         print_matches(query, result, limit)
-    image_query = str((image_dir / 'blue_square_0.png').resolve())
-    by_image = client.search([image_query], limit=limit + 1)
-    print_matches(f'image {Path(image_query).name}', by_image[0], limit + 1)
+    drawing = draw_shape_image('blue', 'square', random.Random(2024))  # not in the index
+    buffer = io.BytesIO()
+    drawing.save(buffer, format='PNG')
+    by_image = client.search([Document(blob=buffer.getvalue())], limit=limit)
+    print_matches('<a new drawing of a blue square>', by_image[0], limit)
     return results
 
 

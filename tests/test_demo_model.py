@@ -138,3 +138,18 @@ def test_the_chapter_example_ranks_text_before_an_unrelated_image(shapes_service
     assert matches[0].scores['cosine'].value < matches[1].scores['cosine'].value
     assert client.search(['a red circle'], limit=1)[0].matches[0].id == 'red-circle-photo'
     shapes_service.client().delete(['caption', 'red-circle-photo'])
+
+
+@pytest.mark.slow
+def test_the_readme_demo_prints_ranked_results(shapes_service, tmp_path, capsys):
+    from clip_search.demo import DEMO_QUERIES, run_demo
+
+    results = run_demo(shapes_service.address, tmp_path / 'demo_images')
+    printed = capsys.readouterr().out
+    assert "'a red circle':" in printed and '<a new drawing of a blue square>:' in printed
+    best = {query: result.matches[:2] for query, result in zip(DEMO_QUERIES, results)}
+    assert {m.text or m.uri.rsplit('/', 1)[-1] for m in best['a red circle']} == {'a red circle', 'red_circle_0.png'}
+    assert best['a purple star'][0].uri.endswith('purple_star_0.png')
+    for result in results:
+        distances = [m.scores['cosine'].value for m in result.matches]
+        assert distances == sorted(distances)
