@@ -40,7 +40,7 @@ class AnnLiteIndexer(Executor):
         limit: int = DEFAULT_LIMIT,
         columns: Optional[list] = None,
         ef_construction: int = 200,
-        ef_search: int = 100,
+        ef_search: int = 400,
         max_connection: int = 16,
         *args,
         **kwargs,
