@@ -108,17 +108,17 @@ class ShardError(RuntimeError):
 
 def split_shard_answers(docs_matrix, expected_shards: Optional[int] = None) -> list:
     """Drop the marker documents and return the shards' answers; raise if a shard failed or is missing."""
-    answers, errors, answered = [], [], set()
+    answers, errors, answered = [], {}, set()
     for answer in docs_matrix:
         kept = [doc for doc in answer if doc.id != SHARD_MARKER_ID]
         for marker in (doc for doc in answer if doc.id == SHARD_MARKER_ID):
             shard = int(marker.tags['shard'])
             answered.add(shard)
             if 'error' in marker.tags:
-                errors.append(f'shard {shard}: {marker.tags["error"]}')
+                errors.setdefault(marker.tags['error'], []).append(shard)
         answers.append(type(answer)(kept))
-    if errors:
-        raise ShardError('; '.join(sorted(errors)))
+    if errors:  # a bad request fails alike on every shard: say it once
+        raise ShardError('; '.join(f'{error} (shards {sorted(shards)})' for error, shards in errors.items()))
     if answered and expected_shards and len(answered) < expected_shards:  # no marker: not an indexer endpoint
         missing = sorted(set(range(expected_shards)) - answered)
         raise ShardError(f'shards {missing} of {expected_shards} did not answer (down or restarting); retry later')

@@ -1,9 +1,14 @@
-"""Helpers for tests and benchmarks: a tiny random CLIP checkpoint and free ports."""
+"""Helpers for tests and benchmarks: a tiny random CLIP checkpoint, free ports, a running service."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 TINY_MODEL_CFG = {
@@ -72,9 +77,6 @@ class Service:
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, as a service manager would send, then wait for a clean exit."""
-        import signal
-        import subprocess
-
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -87,15 +89,11 @@ class Service:
 
     def kill(self) -> None:
         """``kill -9`` every process of the service: the gateway, the executors, the CLI."""
-        import signal
-
         _kill_group(self.process.pid, signal.SIGKILL)
         self.process.wait()
 
     def processes(self) -> list[int]:
         """Pids of every process of the service (the CLI and the executors it started)."""
-        import subprocess
-
         out = subprocess.run(['pgrep', '-g', str(self.process.pid)], capture_output=True, text=True).stdout
         return [int(pid) for pid in out.split()]
 
@@ -109,7 +107,6 @@ def _accepts_connections(port: int) -> bool:
 
 
 def _kill_group(pgid: int, sig) -> None:
-    import os
 
     try:
         os.killpg(pgid, sig)
@@ -127,11 +124,6 @@ def start_service(
     ready_timeout: float = 180,
 ) -> Service:
     """Start the service on a free port and wait until the Flow answers; raise with its log if not."""
-    import os
-    import subprocess
-    import sys
-    import time
-
     port = free_port()
     log_path = Path(log_path or Path(workspace).with_name(Path(workspace).name + f'-{port}.log'))
     log_path.parent.mkdir(parents=True, exist_ok=True)

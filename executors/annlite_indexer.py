@@ -9,8 +9,6 @@ it (see :func:`clip_search.sharding.owner_shard`). Every id therefore lives on e
 whatever the shard count, and indexing an id that is already indexed replaces it (an upsert).
 """
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Callable, Optional

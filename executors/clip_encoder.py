@@ -1,7 +1,5 @@
 """CLIPEncoder: texts and images in, L2-normalised float32 CLIP embeddings out."""
 
-from __future__ import annotations
-
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 

@@ -4,8 +4,6 @@ Jina's built-in reduce concatenates the shards' matches (3 shards x limit 10 = 3
 matches), so the global top-k has to be computed here.
 """
 
-from __future__ import annotations
-
 from typing import Iterable, List, Optional
 
 from docarray import Document, DocumentArray

@@ -138,6 +138,10 @@ def test_the_unmodified_clip_client_gets_the_same_errors(service, tmp_path):
             assert bad.id in message and reason in message
     with pytest.raises(Exception, match='limit'):
         client.search(['kept sentence'], limit=0)
+    with pytest.raises(Exception, match=r'unknown columns.*nope'):
+        client.search(['kept sentence'], parameters={'filter': {'nope': {'$eq': 1}}})
+    with pytest.raises(Exception, match='malformed'):
+        client.search(['kept sentence'], parameters={'filter': {'color': {'$like': 'r%'}}})
     assert len(client.search(['kept sentence 3'], limit=3)[0].matches) == 3
     assert service.client().status()['documents'] == 20
 
