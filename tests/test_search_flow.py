@@ -256,3 +256,13 @@ def test_images_are_fetched_from_http_urls(service, tmp_path):
             client.index([Document(id='from-http-404', uri=url.replace('remote', 'missing'))])
     finally:
         server.shutdown()
+
+
+def test_long_jobs_show_a_progress_bar_and_accept_generators(service, capfd):
+    client = service.client()
+    generator = (f'progress sentence {i}' for i in range(60))  # no len(): a generator
+    client.index(generator, batch_size=10, show_progress=True)
+    assert 'ETA' in capfd.readouterr().out  # rich's progress bar, drawn by Jina's client
+    client.index(['one more short job'], show_progress=False)
+    assert 'ETA' not in capfd.readouterr().out
+    assert client.search(['progress sentence 59'], limit=1)[0].matches[0].text == 'progress sentence 59'
