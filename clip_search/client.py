@@ -115,6 +115,7 @@ class Client:
                 request_size=batch_size,
                 parameters=parameters or {},
                 show_progress=show_progress,
+                results_in_order=True,  # answers line up with the inputs, batch after batch
             )
         except BadServer as exc:
             raise RequestError(endpoint, _server_reason(exc)) from None

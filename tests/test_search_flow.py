@@ -266,3 +266,13 @@ def test_long_jobs_show_a_progress_bar_and_accept_generators(service, capfd):
     client.index(['one more short job'], show_progress=False)
     assert 'ETA' not in capfd.readouterr().out
     assert client.search(['progress sentence 59'], limit=1)[0].matches[0].text == 'progress sentence 59'
+
+
+def test_answers_come_back_in_the_order_of_the_inputs(service):
+    client = service.client()
+    texts = [f'ordered sentence {i}' for i in range(200)]
+    embeddings = client.encode(texts, batch_size=7)
+    one_by_one = np.stack([client.encode([t])[0] for t in texts[::25]])
+    np.testing.assert_allclose(embeddings[::25], one_by_one, atol=1e-5)
+    results = client.search(texts, limit=1, batch_size=7)
+    assert [r.text for r in results] == texts
