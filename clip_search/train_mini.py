@@ -20,6 +20,7 @@ import io
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -224,7 +225,7 @@ def evaluate(model, preprocess, tokenizer, labelled: list[tuple[Image.Image, tup
     model.eval()
     txt = F.normalize(model.encode_text(tokenizer([shapes.class_caption(c, s) for c, s in shapes.CLASSES])), dim=-1)
     img = _encode_images(model, preprocess, [im for im, _ in labelled])
-    y = torch.tensor([_class_id(l) for _, l in labelled])
+    y = torch.tensor([_class_id(label) for _, label in labelled])
     i2t = ((img @ txt.T).argmax(1) == y).float().mean().item()
     gal_idx = []
     seen: dict[int, int] = {}
@@ -334,7 +335,7 @@ Files: `open_clip_config.json` (`model_cfg` + `preprocess_cfg`), `open_clip_mode
   a dark background", ...). Augmentation before preprocessing: random crop, low-res resampling
   (nearest / bilinear / box), blur, JPEG artefacts, brightness/contrast (hue kept); flips per step.
 - Model: open_clip `CLIP` from a custom `model_cfg` ({m['params'] / 1e6:.2f} M parameters), image
-  tower: {tower}; 48 px input; text transformer 3 layers x 48 wide (4 heads), context length 16,
+  tower: {tower}; 48 px input; text transformer {MODEL_CFG['text_cfg']['layers']} layers x {MODEL_CFG['text_cfg']['width']} wide ({MODEL_CFG['text_cfg']['heads']} heads), context length 16,
   standard open_clip tokenizer (vocab 49408); embed dim 128. `model_cfg`:
   `{json.dumps(MODEL_CFG)}`
   (A ViT 4 layers x 128, patch 8 - `--tower vit` - learned shape much more slowly on CPU:
@@ -343,14 +344,14 @@ Files: `open_clip_config.json` (`model_cfg` + `preprocess_cfg`), `open_clip_mode
   of classes for two-object images, in the batch = positive; targets normalised per row), plus
   (weight {m.get('proto_weight', 1.0)}) the same loss against the 24 class captions
   ("a red circle", ...) encoded every step, so each step sees all class negatives.
-- Optimiser: AdamW (betas 0.9/0.98, weight decay 0.05 on matrices), one-cycle LR
+- Optimiser: AdamW (betas 0.9/0.98, weight decay {m['weight_decay']} on matrices), one-cycle LR
   (max {m['lr']}, 10% warm-up, cosine), batch {m['batch']}, {m['steps']} steps, grad-clip 1.0, seed {m['seed']}.
 - Hardware/time: CPU, 2 threads (cores shared with other jobs during the run); training loop {m['train_seconds'] / 60:.1f} min, whole script
   (rendering + training + evaluation) {m['total_seconds'] / 60:.1f} min.
 - Exact command (from the repository root):
 
 ```
-python -m clip_search.train_mini --out clip_search/models/mini_shapes --steps {m['steps']} --seed {m['seed']}
+{m['command']}
 ```
 
 ## Evaluation
@@ -394,6 +395,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--tower", default="resnet", choices=["resnet", "vit"],
                     help="image tower: small open_clip ModifiedResNet (default) or ViT (4x128, patch 8)")
     ap.add_argument("--patch", type=int, default=8, help="ViT patch size (--tower vit)")
+    ap.add_argument("--vit-width", type=int, default=128)
+    ap.add_argument("--vit-layers", type=int, default=4)
+    ap.add_argument("--text-width", type=int, default=48)
+    ap.add_argument("--pos-embed", default="learnable", choices=["learnable", "sin_cos_2d"])
+    ap.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay on matrices")
+    ap.add_argument("--warmup", type=float, default=0.1, help="one-cycle warm-up fraction")
+    ap.add_argument("--eval-every", type=int, default=1000)
     args = ap.parse_args(argv)
 
     t_start = time.time()
@@ -409,7 +417,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                                                      "std": tuple(PREPROCESS_CFG["std"])}), is_train=False)
     tokenizer = open_clip.SimpleTokenizer(context_length=CONTEXT_LENGTH)
     if args.tower == "vit":
-        MODEL_CFG["vision_cfg"] = dict(VIT_CFG, patch_size=args.patch)
+        MODEL_CFG["vision_cfg"] = dict(VIT_CFG, patch_size=args.patch, width=args.vit_width,
+                                       layers=args.vit_layers)
+        if args.pos_embed != "learnable":
+            MODEL_CFG["vision_cfg"]["pos_embed_type"] = args.pos_embed
+    MODEL_CFG["text_cfg"]["width"] = args.text_width
     if args.tower == "vit" and args.vision_pool != "tok":
         MODEL_CFG["vision_cfg"]["pool_type"] = args.vision_pool
     model = open_clip.CLIP(**json.loads(json.dumps(MODEL_CFG)))
@@ -418,15 +430,15 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     imgs, toks, keys = build_pool(args.pool, args.seed, preprocess, tokenizer, log)
     log(f"pool ready: {tuple(imgs.shape)}")
-    test = [(im, l) for im, _, l in shapes.make_samples(480 + 60, "test", seed=args.seed, size=96) if l is not None]
+    test = [(im, label) for im, _, label in shapes.make_samples(480 + 60, "test", seed=args.seed, size=96) if label is not None]
     second = second_renderer_set(per_class=20, seed=args.seed + 4242)
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05},
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.wd},
                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps,
-                                                pct_start=0.1, anneal_strategy="cos")
+                                                pct_start=args.warmup, anneal_strategy="cos")
     g = torch.Generator().manual_seed(args.seed)
     class_tok = tokenizer([shapes.class_caption(c, s) for c, s in shapes.CLASSES])
     model.train()
@@ -455,7 +467,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             el = time.time() - t_train
             log(f"step {step}/{args.steps} loss {loss.item():.4f} scale {scale.item():.1f} "
                 f"({el / step:.3f}s/step, eta {el / step * (args.steps - step):.0f}s)")
-        if step % 1000 == 0 and step < args.steps:
+        if step % args.eval_every == 0 and step < args.steps:
             log("  held-out: " + _fmt(evaluate(model, preprocess, tokenizer, test)))
             model.train()
     train_time = time.time() - t_train
@@ -472,7 +484,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     save_hub(model, args.out)
     total = time.time() - t_start
     metrics = {"held_out": held, "second_renderer": sec, "steps": args.steps, "seed": args.seed,
-               "pool": args.pool, "batch": args.batch, "proto_weight": args.proto_weight, "tower": args.tower, "lr": args.lr, "train_seconds": round(train_time),
+               "pool": args.pool, "batch": args.batch, "proto_weight": args.proto_weight, "tower": args.tower, "lr": args.lr, "weight_decay": args.wd,
+               "command": " ".join(["python -m clip_search.train_mini", *(argv if argv is not None else sys.argv[1:])]),
+               "train_seconds": round(train_time),
                "total_seconds": round(total), "params": n_params}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_model_card(args.out, metrics)
