@@ -56,27 +56,22 @@ def load_flow_config(
     tls_cert: Optional[str] = None,
     tls_key: Optional[str] = None,
 ) -> dict:
-    """Read the Flow YAML and apply the command-line overrides; the index dimension follows the model."""
+    """Read the Flow YAML and apply the command-line overrides."""
     config = yaml.safe_load(Path(flow_file).read_text())
     if not isinstance(config, dict) or not isinstance(config.get('executors'), list):
         raise FlowConfigError(f'{flow_file} is not a Flow YAML with a list of executors')
     encoder = _find_executor(config, ENCODER_CLASS, flow_file)
     indexer = _find_executor(config, INDEXER_CLASS, flow_file)
-    flow_with = config.setdefault('with', {}) or {}
-    config['with'] = flow_with
     if port is not None:
-        flow_with['port'] = port
-    gateway = config.setdefault('gateway', {}) or {}  # the gateway's alone: 'with' reaches every executor
-    config['gateway'] = gateway
+        _section(config, 'with')['port'] = port
+    gateway = _section(config, 'gateway')  # the gateway's alone: 'with' reaches every executor
     if host is not None:
         gateway['host'] = host
     if tls_cert or tls_key:
         gateway.update(_tls_settings(tls_cert, tls_key))
     _keep_executors_on_loopback(config)
-    encoder_with = encoder.setdefault('uses_with', {}) or {}
-    encoder['uses_with'] = encoder_with
     if model is not None:
-        encoder_with['name'] = model
+        _section(encoder, 'uses_with')['name'] = model
     if shards is not None:
         if shards < 1:
             raise FlowConfigError(f'--shards must be at least 1, not {shards}')
@@ -90,8 +85,7 @@ def load_flow_config(
 def set_index_dimension(config: dict, embed_dim: int, model_name: str) -> None:
     """Give the indexer the model's embedding size; a hand-set n_dim must agree with it."""
     indexer = _find_executor(config, INDEXER_CLASS, 'the Flow')
-    indexer_with = indexer.setdefault('uses_with', {}) or {}
-    indexer['uses_with'] = indexer_with
+    indexer_with = _section(indexer, 'uses_with')
     declared = indexer_with.get('n_dim')
     if declared is not None and int(declared) != embed_dim:
         raise FlowConfigError(
@@ -160,6 +154,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
         return 1
     return 0
+
+
+def _section(mapping: dict, key: str) -> dict:
+    """``mapping[key]`` as a dict, created when missing or empty (YAML gives None for ``key:``)."""
+    if not mapping.get(key):
+        mapping[key] = {}
+    return mapping[key]
 
 
 def _keep_executors_on_loopback(config: dict) -> None:
