@@ -22,66 +22,54 @@ def shard_pids(service) -> dict[int, int]:
 
 
 @pytest.mark.slow
-def test_acknowledged_documents_survive_kill_9_of_every_process(tmp_path, tiny_model):
+def test_acknowledged_documents_survive_kill_9_of_every_process(tmp_path, service_factory):
     workspace = tmp_path / 'workspace'
-    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
-    try:
-        client = service.client()
-        acknowledged = []
-        for batch in range(5):
-            docs = [Document(id=f'k-{batch}-{i}', text=f'durable sentence {batch} {i}') for i in range(40)]
-            client.index(docs, batch_size=40)
-            acknowledged += [d.id for d in docs]
-        client.delete(['k-0-0'])
-        acknowledged.remove('k-0-0')
-        assert len(service.processes()) >= 7  # the CLI, gateway, encoder, head, merger and 3 shards
-    finally:
-        service.kill()  # no chance to flush anything
+    service = service_factory(shards=3, workspace=workspace)
+    client = service.client()
+    acknowledged = []
+    for batch in range(5):
+        docs = [Document(id=f'k-{batch}-{i}', text=f'durable sentence {batch} {i}') for i in range(40)]
+        client.index(docs, batch_size=40)
+        acknowledged += [d.id for d in docs]
+    client.delete(['k-0-0'])
+    acknowledged.remove('k-0-0')
+    assert len(service.processes()) >= 7  # the CLI, gateway, encoder, head, merger and 3 shards
+    service.kill()  # no chance to flush anything
 
-    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
-    try:
-        client = service.client()
-        assert client.status()['documents'] == len(acknowledged)
-        results = client.search([f'durable sentence {b} {i}' for b in range(5) for i in (1, 39)], limit=1)
-        assert [r.matches[0].id for r in results] == [f'k-{b}-{i}' for b in range(5) for i in (1, 39)]
-        assert 'k-0-0' not in client.search(['durable sentence 0 0'], limit=20)[0].matches[:, 'id']
-    finally:
-        service.stop()
+    client = service_factory(shards=3, workspace=workspace).client()
+    assert client.status()['documents'] == len(acknowledged)
+    results = client.search([f'durable sentence {b} {i}' for b in range(5) for i in (1, 39)], limit=1)
+    assert [r.matches[0].id for r in results] == [f'k-{b}-{i}' for b in range(5) for i in (1, 39)]
+    assert 'k-0-0' not in client.search(['durable sentence 0 0'], limit=20)[0].matches[:, 'id']
 
 
 @pytest.mark.slow
-def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path, tiny_model):
+def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path, service_factory):
     workspace = tmp_path / 'workspace'
-    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
-    try:
-        client = service.client()
-        client.index([Document(id=f'f-{i}', text=f'fault sentence {i}') for i in range(60)])
-        before = client.status()
-        os.kill(shard_pids(service)[1], signal.SIGKILL)
-        time.sleep(1)
+    service = service_factory(shards=3, workspace=workspace)
+    client = service.client()
+    client.index([Document(id=f'f-{i}', text=f'fault sentence {i}') for i in range(60)])
+    before = client.status()
+    os.kill(shard_pids(service)[1], signal.SIGKILL)
+    time.sleep(1)
 
-        started = time.monotonic()
-        with pytest.raises(RequestError, match=r'shards \[1\] of 3 did not answer'):
-            client.search(['fault sentence 3'])
-        with pytest.raises(RequestError, match=r'shards \[1\] of 3'):
-            client.status()
-        with pytest.raises(RequestError, match=r'shards \[1\] of 3'):
-            client.index([Document(id='f-new', text='written while a shard is down')])
-        assert time.monotonic() - started < 30  # errors, not hangs
-    finally:
-        service.stop()
+    started = time.monotonic()
+    with pytest.raises(RequestError, match=r'shards \[1\] of 3 did not answer'):
+        client.search(['fault sentence 3'])
+    with pytest.raises(RequestError, match=r'shards \[1\] of 3'):
+        client.status()
+    with pytest.raises(RequestError, match=r'shards \[1\] of 3'):
+        client.index([Document(id='f-new', text='written while a shard is down')])
+    assert time.monotonic() - started < 30  # errors, not hangs
+    service.stop()
 
-    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
-    try:
-        client = service.client()
-        status = client.status()
-        assert status['documents'] in (before['documents'], before['documents'] + 1)
-        assert [s['documents'] for s in status['shards']][1] == before['shards'][1]['documents']
-        client.index([Document(id='f-new', text='written while a shard is down')])  # a retry is safe: upsert
-        assert client.status()['documents'] == before['documents'] + 1
-        assert client.search(['fault sentence 7'], limit=1)[0].matches[0].id == 'f-7'
-    finally:
-        service.stop()
+    client = service_factory(shards=3, workspace=workspace).client()
+    status = client.status()
+    assert status['documents'] in (before['documents'], before['documents'] + 1)
+    assert status['shards'][1]['documents'] == before['shards'][1]['documents']  # shard 1 serves its data again
+    client.index([Document(id='f-new', text='written while a shard is down')])  # a retry is safe: upsert
+    assert client.status()['documents'] == before['documents'] + 1
+    assert client.search(['fault sentence 7'], limit=1)[0].matches[0].id == 'f-7'
 
 
 BAD_DOCUMENTS = {
