@@ -13,7 +13,6 @@ from typing import Optional, Sequence
 import yaml
 
 from clip_search.models import ModelUnavailableError, ensure_weights, resolve_model
-from clip_search.sharding import DEFAULT_LIMIT
 
 ENCODER_CLASS = 'CLIPEncoder'
 INDEXER_CLASS = 'AnnLiteIndexer'
@@ -78,7 +77,6 @@ def load_flow_config(
         indexer['shards'] = shards
     if workspace is not None:
         indexer['workspace'] = workspace
-    _sync_merger_limit(indexer)
     return config
 
 
@@ -120,7 +118,8 @@ def serve(config: dict, stop_event: Optional[threading.Event] = None) -> None:
     stop_event = stop_event or threading.Event()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
-    flow = Flow.load_config(config)
+    # Jina's loader reads `jtype` only as the first key; a YAML written with sorted keys has it later
+    flow = Flow.load_config({'jtype': config.get('jtype', 'Flow'), **config})
     scheme = 'grpcs' if (config.get('gateway') or {}).get('ssl_certfile') else 'grpc'
     with flow:
         print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
@@ -183,11 +182,3 @@ def _find_executor(config: dict, class_name: str, flow_file) -> dict:
         if str(executor.get('uses', '')).split('.')[-1] == class_name:
             return executor
     raise FlowConfigError(f'{flow_file} has no executor that uses {class_name}')
-
-
-def _sync_merger_limit(indexer: dict) -> None:
-    """The merger after the shards cuts to the same default limit as the indexer."""
-    limit = (indexer.get('uses_with') or {}).get('limit', DEFAULT_LIMIT)
-    merger = indexer.get('uses_after')
-    if isinstance(merger, str) and limit != DEFAULT_LIMIT:
-        indexer['uses_after'] = {'jtype': merger, 'with': {'limit': limit}}

@@ -16,7 +16,8 @@ class ShardMerger(Executor):
     """Merge the answers of all indexer shards into the answer one big index would give."""
 
     def __init__(self, limit: int = DEFAULT_LIMIT, *args, **kwargs):
-        """:param limit: matches per query when the request does not say (keep equal to the indexer's)"""
+        """:param limit: matches per query when the request does not say. As the indexer's uses_after,
+        the merger inherits the indexer's ``uses_with``, and so its ``limit``."""
         super().__init__(*args, **kwargs)
         self.default_limit = limit
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)  # the indexer's shard count

@@ -276,3 +276,23 @@ def test_answers_come_back_in_the_order_of_the_inputs(service):
     np.testing.assert_allclose(embeddings[::25], one_by_one, atol=1e-5)
     results = client.search(texts, limit=1, batch_size=7)
     assert [r.text for r in results] == texts
+
+
+def test_the_default_limit_set_in_the_yaml_holds_after_the_merge(tmp_path, tiny_model):
+    import yaml
+
+    config = yaml.safe_load(FLOW_FILE.read_text())
+    config['executors'][1]['uses_with']['limit'] = 3
+    flow_file = tmp_path / 'flow.yml'
+    flow_file.write_text(yaml.safe_dump(config))
+    service = start_service(tiny_model, tmp_path / 'workspace', shards=3, flow_file=flow_file)
+    try:
+        client = service.client()
+        client.index([f'default limit sentence {i}' for i in range(20)])
+        from clip_client import Client as UpstreamClient
+
+        jina_client = UpstreamClient(service.address)._client  # a search that sends no limit at all
+        result = jina_client.post('/search', [Document(text='default limit sentence 1')])
+        assert len(result[0].matches) == 3
+    finally:
+        service.stop()
