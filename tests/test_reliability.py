@@ -150,3 +150,20 @@ def test_oversized_requests_are_refused_clearly_and_the_server_stays_up(service)
         client.index([Document(id='huge', blob=b'\0' * (65 * 2**20))])
     assert client.status()['documents'] == 20
     assert client.search(['kept sentence 4'], limit=1)[0].matches[0].id == 'keep-4'
+
+
+def test_an_image_url_that_never_answers_times_out_instead_of_hanging(service):
+    import socket
+
+    silent = socket.socket()  # accepts connections (the kernel does) and never says a word
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(16)
+    try:
+        url = f'http://127.0.0.1:{silent.getsockname()[1]}/slow.png'
+        started = time.monotonic()
+        with pytest.raises(RequestError, match=r"bad-silent.*could not be fetched.*timed out"):
+            service.client().index([Document(id='bad-silent', uri=url)])
+        assert 4 <= time.monotonic() - started < 30  # the flow's uri_timeout is 5 s
+    finally:
+        silent.close()
+    assert service.client().status()['documents'] == 20
