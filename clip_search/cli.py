@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import signal
 import sys
@@ -42,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--tls-key', help='PEM private key of --tls-cert')
     parser.add_argument('--shards', type=int, help='number of indexer shards (a workspace keeps the count it was built with)')
     parser.add_argument('--workspace', help='directory where the index is stored (the YAML says ./workspace)')
+    parser.add_argument(
+        '--exit-on-failure',
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='when an executor process (e.g. a shard) dies, stop the service with exit code 1 so that a service '
+        'manager restarts it (default); with --no-exit-on-failure it keeps serving and requests that need '
+        'the dead shard fail with an error naming it',
+    )
     return parser
 
 
@@ -111,8 +120,14 @@ def prepare_flow_config(flow_file: str | Path, **overrides) -> dict:
     return config
 
 
-def serve(config: dict, stop_event: Optional[threading.Event] = None) -> None:
-    """Start the Flow and block until ``stop_event`` is set, Ctrl-C or SIGTERM; then close it cleanly."""
+def serve(config: dict, stop_event: Optional[threading.Event] = None, exit_on_failure: bool = True) -> int:
+    """Start the Flow and serve until ``stop_event``, Ctrl-C or SIGTERM; then close it cleanly.
+
+    With ``exit_on_failure``, the death of any executor process (a shard, the encoder, ...) stops
+    the whole service with exit code 1: a service manager or Docker's restart policy then brings
+    it back, every shard with its data. Without it, the service keeps running and requests that
+    need the dead shard fail with an error naming it. Returns the exit code.
+    """
     from jina import Flow
 
     stop_event = stop_event or threading.Event()
@@ -121,13 +136,31 @@ def serve(config: dict, stop_event: Optional[threading.Event] = None) -> None:
     # Jina's loader reads `jtype` only as the first key; a YAML written with sorted keys has it later
     flow = Flow.load_config({'jtype': config.get('jtype', 'Flow'), **config})
     scheme = 'grpcs' if (config.get('gateway') or {}).get('ssl_certfile') else 'grpc'
+    exit_code = 0
     with flow:
+        # Jina starts every executor as a multiprocessing child of this process, named after it
+        executors = {child.pid: child.name for child in multiprocessing.active_children()}
         print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
         try:
-            flow.block(stop_event=stop_event)
+            while not stop_event.wait(1.0):
+                dead = _dead_executors(executors) if exit_on_failure else []
+                if dead:
+                    print(
+                        f'clip-search: {", ".join(dead)} exited unexpectedly; stopping the service so that '
+                        f'a restart brings every shard back with its data',
+                        file=sys.stderr, flush=True,
+                    )  # fmt: skip
+                    exit_code = 1
+                    break
         except KeyboardInterrupt:
             pass
     print('clip-search stopped; the index is saved in its workspace', flush=True)
+    return exit_code
+
+
+def _dead_executors(executors: dict[int, str]) -> list[str]:
+    alive = {child.pid for child in multiprocessing.active_children()}
+    return sorted(name for pid, name in executors.items() if pid not in alive)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -148,11 +181,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f'clip-search: {exc}', file=sys.stderr)
         return 2
     try:
-        serve(config)
+        return serve(config, exit_on_failure=args.exit_on_failure)
     except Exception as exc:  # jina has logged the details; say it in one line too
         print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
         return 1
-    return 0
 
 
 def _section(mapping: dict, key: str) -> dict:

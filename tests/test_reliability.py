@@ -46,7 +46,7 @@ def test_acknowledged_documents_survive_kill_9_of_every_process(tmp_path, servic
 @pytest.mark.slow
 def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path, service_factory):
     workspace = tmp_path / 'workspace'
-    service = service_factory(shards=3, workspace=workspace)
+    service = service_factory(shards=3, workspace=workspace, extra_args=('--no-exit-on-failure',))
     client = service.client()
     client.index([Document(id=f'f-{i}', text=f'fault sentence {i}') for i in range(60)])
     before = client.status()
@@ -70,6 +70,22 @@ def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path
     client.index([Document(id='f-new', text='written while a shard is down')])  # a retry is safe: upsert
     assert client.status()['documents'] == before['documents'] + 1
     assert client.search(['fault sentence 7'], limit=1)[0].matches[0].id == 'f-7'
+
+
+@pytest.mark.slow
+def test_by_default_a_dead_shard_stops_the_service_for_its_manager_to_restart(tmp_path, service_factory):
+    workspace = tmp_path / 'workspace'
+    service = service_factory(shards=3, workspace=workspace)
+    service.client().index([Document(id=f'r-{i}', text=f'restart sentence {i}') for i in range(30)])
+    before = service.client().status()
+    os.kill(shard_pids(service)[2], signal.SIGKILL)
+    assert service.process.wait(timeout=60) == 1  # a service manager would now restart it
+    assert 'indexer/shard-2/rep-0 exited unexpectedly' in service.log()
+    assert service.processes() == []  # the rest of the Flow was closed, nothing left behind
+
+    client = service_factory(shards=3, workspace=workspace).client()
+    assert client.status() == before
+    assert client.search(['restart sentence 4'], limit=1)[0].matches[0].id == 'r-4'
 
 
 BAD_DOCUMENTS = {
