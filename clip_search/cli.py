@@ -165,6 +165,7 @@ def _dead_executors(executors: dict[int, str]) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault('JINA_HIDE_SURVEY', '1')
+    _internal_ports_outside_ephemeral_range()
     args = build_parser().parse_args(argv)
     try:
         config = prepare_flow_config(
@@ -185,6 +186,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as exc:  # jina has logged the details; say it in one line too
         print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
         return 1
+
+
+def _internal_ports_outside_ephemeral_range() -> None:
+    """Pick Jina's internal ports below the kernel's ephemeral range.
+
+    Jina draws executor ports at random from 49153-65535, which overlaps the range the kernel hands
+    to outgoing connections (32768-60999 on Linux): a client's connection could take a port between
+    Jina checking it and the executor binding it, and the start failed with PortAlreadyUsed.
+    """
+    try:
+        low = int(Path('/proc/sys/net/ipv4/ip_local_port_range').read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if low > 12000:
+        os.environ.setdefault('JINA_RANDOM_PORT_MIN', str(max(1024, low - 12000)))
+        os.environ.setdefault('JINA_RANDOM_PORT_MAX', str(low - 1))
 
 
 def _section(mapping: dict, key: str) -> dict:
