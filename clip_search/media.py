@@ -18,7 +18,6 @@ from PIL import Image, UnidentifiedImageError
 
 DEFAULT_URI_TIMEOUT = 5.0  # seconds to connect to and read an http(s) image
 MAX_IMAGE_BYTES = 50 * 2**20
-IMAGE_EXTENSIONS = {'.jpg', '.jpeg', '.png', '.gif', '.bmp', '.webp', '.tif', '.tiff'}
 
 
 class BadDocumentError(ValueError):
@@ -91,7 +90,10 @@ def _read_uri(doc, timeout: float) -> bytes:
 
 def _check_mime(doc) -> None:
     """Refuse a uri whose declared type is known and is not an image (e.g. .txt, .mp4)."""
-    mime = doc.mime_type or mimetypes.guess_type(urllib.parse.urlparse(doc.uri).path)[0]
+    _refuse_non_image(doc, doc.mime_type or mimetypes.guess_type(urllib.parse.urlparse(doc.uri).path)[0])
+
+
+def _refuse_non_image(doc, mime: str | None) -> None:
     if mime and not mime.startswith('image/'):
         raise BadDocumentError(doc.id, f'mime type {mime!r} is not supported (only images and text)')
 
@@ -100,9 +102,7 @@ def _read_data_uri(doc) -> bytes:
     header, sep, payload = doc.uri.partition(',')
     if not sep:
         raise BadDocumentError(doc.id, 'data uri has no comma-separated payload')
-    mime = header[5:].split(';')[0]
-    if mime and not mime.startswith('image/'):
-        raise BadDocumentError(doc.id, f'mime type {mime!r} is not supported (only images and text)')
+    _refuse_non_image(doc, header[5:].split(';')[0])
     try:
         if header.endswith(';base64'):
             return base64.b64decode(payload, validate=True)

@@ -22,7 +22,7 @@ def validate_search_parameters(
     parameters: dict, default_limit: int, columns: Iterable[str]
 ) -> tuple[int, Optional[dict]]:
     """Return ``(limit, filter)`` from request parameters, or raise naming the bad parameter."""
-    limit = parameters.get('limit', default_limit)
+    limit = parameters.get('limit')
     if limit is None:
         limit = default_limit
     if isinstance(limit, float) and limit.is_integer():
@@ -55,9 +55,10 @@ def _filter_fields(node: Any) -> set[str]:
     fields: set[str] = set()
     if isinstance(node, dict):
         for key, value in node.items():
-            if not key.startswith('$'):
+            if key.startswith('$'):  # an operator: its operands may name more columns
+                fields |= _filter_fields(value)
+            else:
                 fields.add(key)
-            fields |= _filter_fields(value) if key.startswith('$') else set()
     elif isinstance(node, list):
         for item in node:
             fields |= _filter_fields(item)

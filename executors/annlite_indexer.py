@@ -126,15 +126,13 @@ class AnnLiteIndexer(Executor):
         return answer
 
     def _index_docs(self, docs: DocumentArray) -> DocumentArray:
-        self._check_embeddings(docs)
-        mine = _last_of_each_id(doc for doc in docs if self._owns(doc.id))
+        mine = self._owned(docs)
         if mine:
             self._replace(mine)
         return docs
 
     def _update_docs(self, docs: DocumentArray) -> DocumentArray:
-        self._check_embeddings(docs)
-        mine = _last_of_each_id(doc for doc in docs if self._owns(doc.id))
+        mine = self._owned(docs)
         missing = [doc.id for doc in mine if not self._contains(doc.id)]
         if missing:
             raise ValueError(f'cannot update documents that are not indexed: {missing[:10]} (use /index)')
@@ -168,8 +166,10 @@ class AnnLiteIndexer(Executor):
     def _status(self) -> DocumentArray:
         return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings)])
 
-    def _owns(self, doc_id: str) -> bool:
-        return owner_shard(doc_id, self.shards) == self.shard_id
+    def _owned(self, docs: DocumentArray) -> DocumentArray:
+        """Check every document (so all shards refuse a bad batch alike), keep the ones this shard owns."""
+        self._check_embeddings(docs)
+        return _last_of_each_id(doc for doc in docs if owner_shard(doc.id, self.shards) == self.shard_id)
 
     def _contains(self, doc_id: str) -> bool:
         return self._index.meta_table.get_address(doc_id)[0] is not None
