@@ -48,9 +48,15 @@ class CLIPEncoder(Executor):
         self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix='preprocess')
         self.logger.info(f'loaded {name} ({self._clip.spec.embed_dim}-d) on {self.device}')
 
-    @requests(on=['/encode', '/index', '/update', '/search'])
+    @requests(on='/encode')
     def encode(self, docs: DocumentArray, **kwargs) -> DocumentArray:
-        """Attach an embedding to every document (on /index, /update, /search: before the indexer)."""
+        """Attach an embedding to every document."""
+        self.embed(docs)
+        return docs
+
+    @requests(on=['/index', '/update', '/search'])
+    def encode_on_the_way(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """Attach embeddings before the indexer sees the documents."""
         self.embed(docs)
         return docs
 
