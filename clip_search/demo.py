@@ -35,7 +35,7 @@ def print_matches(query: str, result: Document, shown: int = 3) -> None:
     print(f'{query if query.startswith("<") else repr(query)}:')
     for match in result.matches[:shown]:
         content = match.text or Path(match.uri).name
-        print(f'    {match.scores["cosine"].value:.3f}  {content}')
+        print(f'    {match.scores["cosine"].value + 0.0:.3f}  {content}')  # + 0.0: an exact match's -0.0 prints as 0.000
 
 
 def run_demo(server: str, image_dir: Path, limit: int = 3) -> DocumentArray:

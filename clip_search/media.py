@@ -29,14 +29,16 @@ class BadDocumentError(ValueError):
         self.reason = reason
 
 
-def content_kind(doc) -> str:
-    """Which modality a document carries: 'text', 'image' or 'embedding'; raise if none."""
+def content_kind(doc, empty_as_text: bool = False) -> str:
+    """Which modality a document carries: 'text', 'image' or 'embedding'; raise if none (or call it text)."""
     if doc.text:
         return 'text'
     if doc.blob or doc.tensor is not None or doc.uri:
         return 'image'
     if doc.embedding is not None:
         return 'embedding'
+    if empty_as_text:
+        return 'text'
     raise BadDocumentError(doc.id, 'it is empty (no text, uri, blob, tensor or embedding)')
 
 

@@ -219,9 +219,10 @@ def _last_of_each_id(docs) -> DocumentArray:
 
 
 def _set_cosine_distance(match: Document, value: float) -> None:
-    # op_name keeps the score message non-empty on the wire: an exact match's distance is 0.0,
-    # proto3's default, and would otherwise travel as nothing at all
-    match.scores['cosine'].value = max(float(value), 0.0)
+    # An exact match's distance is 0.0, proto3's default value, which travels as nothing at all:
+    # op_name keeps the score itself on the wire, and 0.0 is sent as -0.0 (equal to 0.0, but with a
+    # set sign bit protobuf serialises it), because Jina's HTTP gateway turns a missing value into null
+    match.scores['cosine'].value = max(float(value), 0.0) or -0.0
     match.scores['cosine'].op_name = 'cosine'
 
 

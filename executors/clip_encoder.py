@@ -6,9 +6,10 @@ from typing import Optional
 import numpy as np
 import torch
 from docarray import DocumentArray
+from docarray.score import NamedScore
 from jina import Executor, requests
 
-from clip_search.media import DEFAULT_URI_TIMEOUT, content_kind, load_image
+from clip_search.media import DEFAULT_URI_TIMEOUT, BadDocumentError, content_kind, load_image
 from clip_search.models import DEFAULT_MODEL, load_model, resolve_model
 
 
@@ -60,18 +61,44 @@ class CLIPEncoder(Executor):
         self.embed(docs)
         return docs
 
-    def embed(self, docs: DocumentArray) -> None:
+    @requests
+    def encode_by_default(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """``/`` (clip_client's ``profile()`` posts there): encode, an empty document as the empty text."""
+        self.embed(docs, empty_as_text=True)
+        return docs
+
+    @requests(on='/rank')
+    def rank(self, docs: DocumentArray, parameters: Optional[dict] = None, **kwargs) -> DocumentArray:
+        """clip-as-service's ranker: score each document's ``.matches`` by CLIP and sort them, best first."""
+        for doc in docs:
+            if not doc.matches:
+                raise BadDocumentError(doc.id, 'it has no candidates to rank: put them in .matches')
+        candidates = docs['@m']
+        self.embed(docs, extra=len(candidates))
+        self.embed(candidates, extra=len(docs))
+        set_clip_scores(docs, self.logit_scale)
+        if (parameters or {}).get('drop_image_content', True):
+            for doc in (*docs, *candidates):
+                doc.pop('blob', 'tensor')
+        return docs
+
+    @property
+    def logit_scale(self) -> float:
+        """The temperature the model was trained with: CLIP's softmax over candidates uses it."""
+        return float(self._clip.model.logit_scale.detach().exp())
+
+    def embed(self, docs: DocumentArray, extra: int = 0, empty_as_text: bool = False) -> None:
         """Encode every document with content, in minibatches, writing ``doc.embedding``."""
-        if len(docs) > self.max_request_docs:
+        if len(docs) + extra > self.max_request_docs:
             raise ValueError(
-                f'the request has {len(docs)} documents, more than max_request_docs={self.max_request_docs}: '
+                f'the request has {len(docs) + extra} documents, more than max_request_docs={self.max_request_docs}: '
                 f'send smaller batches (batch_size)'
             )
-        kinds = [content_kind(doc) for doc in docs]  # raises on the first empty document
+        kinds = [content_kind(doc, empty_as_text) for doc in docs]  # raises on the first empty document
         texts = [doc for doc, kind in zip(docs, kinds) if kind == 'text']
         images = [doc for doc, kind in zip(docs, kinds) if kind == 'image']
         for batch in _minibatches(texts, self.minibatch_size):
-            tokens = self._clip.tokenizer([doc.text for doc in batch])  # truncates long texts
+            tokens = self._clip.tokenizer([doc.text or '' for doc in batch])  # truncates long texts
             self._store(batch, self._forward(self._clip.model.encode_text, tokens))
         for batch in _minibatches(images, self.minibatch_size):
             pixels = torch.stack(list(self._pool.map(self._preprocess, batch)))
@@ -94,6 +121,25 @@ class CLIPEncoder(Executor):
     def close(self) -> None:
         self._pool.shutdown(wait=False)
         super().close()
+
+
+def set_clip_scores(queries: DocumentArray, logit_scale: float) -> None:
+    """Score and sort each query's embedded candidates as clip_server's ranker does.
+
+    ``clip_score`` is the softmax of ``logit_scale * cosine`` over that query's candidates (they sum
+    to 1), ``clip_score_cosine`` the cosine similarity; candidates lose their embeddings (bandwidth).
+    """
+    for query in queries:
+        candidates = query.matches
+        cosines = candidates.embeddings @ query.embedding  # both L2-normalised
+        logits = logit_scale * cosines
+        softmax = np.exp(logits - logits.max())
+        softmax /= softmax.sum()
+        for candidate, cosine, probability in zip(candidates, cosines, softmax):
+            candidate.scores['clip_score'] = NamedScore(value=float(probability), op_name='softmax')
+            candidate.scores['clip_score_cosine'] = NamedScore(value=float(cosine), op_name='cosine')
+        candidates.embeddings = None
+        query.matches = sorted(candidates, key=lambda c: c.scores['clip_score'].value, reverse=True)
 
 
 def _minibatches(items: list, size: int):

@@ -58,7 +58,7 @@ class ShardMerger(Executor):
             )
         return merged
 
-    @requests
+    @requests(on=['/index', '/update'])  # no default handler: /rank and / never reach the shards
     def take_one(self, docs_matrix: Optional[List[DocumentArray]], **kwargs) -> Optional[DocumentArray]:
         """/index and /update: every shard saw the same documents; return them once."""
         if not docs_matrix:
