@@ -15,6 +15,7 @@ import yaml
 
 from clip_search.models import ModelUnavailableError, ensure_weights, resolve_model
 
+DEFAULT_FLOW = 'search_flow.yml'
 ENCODER_CLASS = 'CLIPEncoder'
 INDEXER_CLASS = 'AnnLiteIndexer'
 
@@ -28,8 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog='python -m clip_search',
         description='Serve CLIP text & image search: a Jina Flow of CLIPEncoder -> sharded AnnLiteIndexer, over gRPC.',
     )
-    parser.add_argument('flow', help='the Flow YAML, e.g. flows/search_flow.yml')
-    parser.add_argument('--port', type=int, help='gRPC port of the gateway (the YAML says 61000)')
+    parser.add_argument(
+        'flow',
+        nargs='?',
+        default=DEFAULT_FLOW,
+        help=f'the Flow YAML: a path, or the name of a flow shipped with clip-search (default: {DEFAULT_FLOW})',
+    )
+    parser.add_argument('--port', type=int, help='port of the gateway (the YAML says 61000)')
+    parser.add_argument(
+        '--protocol',
+        choices=['grpc', 'http', 'websocket'],
+        help='protocol of the gateway (the YAML says grpc): http serves JSON on POST /post, as curl sends it',
+    )
     parser.add_argument(
         '--host',
         help='address the gateway binds to (default: every interface, 0.0.0.0; use 127.0.0.1 for this machine only)',
@@ -54,6 +65,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def shipped_flows_dir() -> Path:
+    """The flows shipped with clip-search: inside the installed package, or ``flows/`` of a source checkout.
+
+    One copy: the wheel maps the repository's ``flows/`` to ``clip_search/flows`` (pyproject's package-dir).
+    """
+    package = Path(__file__).resolve().parent
+    installed = package / 'flows'
+    return installed if installed.is_dir() else package.parent / 'flows'
+
+
+def resolve_flow_file(name: str | Path) -> Path:
+    """A Flow YAML by path, or by the bare name of a shipped flow (``search_flow.yml``) from any directory."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_flows_dir()
+    if path.name == str(name):
+        for candidate in (shipped / path.name, shipped / f'{path.name}.yml'):
+            if candidate.is_file():
+                return candidate
+    names = ', '.join(sorted(p.name for p in shipped.glob('*.yml'))) or 'none found'
+    raise FlowConfigError(f'no Flow YAML {str(name)!r} in {Path.cwd()} nor among the shipped flows ({names})')
+
+
 def load_flow_config(
     flow_file: str | Path,
     port: Optional[int] = None,
@@ -63,15 +98,19 @@ def load_flow_config(
     workspace: Optional[str] = None,
     tls_cert: Optional[str] = None,
     tls_key: Optional[str] = None,
+    protocol: Optional[str] = None,
 ) -> dict:
     """Read the Flow YAML and apply the command-line overrides."""
-    config = yaml.safe_load(Path(flow_file).read_text())
+    flow_file = resolve_flow_file(flow_file)
+    config = yaml.safe_load(flow_file.read_text())
     if not isinstance(config, dict) or not isinstance(config.get('executors'), list):
         raise FlowConfigError(f'{flow_file} is not a Flow YAML with a list of executors')
     encoder = _find_executor(config, ENCODER_CLASS, flow_file)
     indexer = _find_executor(config, INDEXER_CLASS, flow_file)
     if port is not None:
         _section(config, 'with')['port'] = port
+    if protocol is not None:
+        _section(config, 'with')['protocol'] = protocol
     gateway = _section(config, 'gateway')  # the gateway's alone: 'with' reaches every executor
     if host is not None:
         gateway['host'] = host
@@ -135,7 +174,8 @@ def serve(config: dict, stop_event: Optional[threading.Event] = None, exit_on_fa
         signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     # Jina's loader reads `jtype` only as the first key; a YAML written with sorted keys has it later
     flow = Flow.load_config({'jtype': config.get('jtype', 'Flow'), **config})
-    scheme = 'grpcs' if (config.get('gateway') or {}).get('ssl_certfile') else 'grpc'
+    protocol = str((config.get('with') or {}).get('protocol', 'grpc'))
+    scheme = {'websocket': 'ws'}.get(protocol, protocol) + ('s' if (config.get('gateway') or {}).get('ssl_certfile') else '')
     exit_code = 0
     with flow:
         # Jina starts every executor as a multiprocessing child of this process, named after it
@@ -177,6 +217,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             workspace=args.workspace,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
+            protocol=args.protocol,
         )
     except (ModelUnavailableError, FlowConfigError, OSError, yaml.YAMLError) as exc:
         print(f'clip-search: {exc}', file=sys.stderr)

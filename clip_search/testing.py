@@ -61,11 +61,11 @@ FLOW_FILE = Path(__file__).resolve().parent.parent / 'flows' / 'search_flow.yml'
 class Service:
     """A clip-search server started with ``python -m clip_search`` in a subprocess."""
 
-    def __init__(self, process, port: int, log_path: Path):
+    def __init__(self, process, port: int, log_path: Path, scheme: str = 'grpc'):
         self.process = process
         self.port = port
         self.log_path = log_path
-        self.address = f'grpc://127.0.0.1:{port}'
+        self.address = f'{scheme}://127.0.0.1:{port}'
 
     def client(self):
         from clip_search.client import Client
@@ -122,21 +122,28 @@ def start_service(
     extra_args: tuple[str, ...] = (),
     log_path: str | Path | None = None,
     ready_timeout: float = 180,
+    protocol: str = 'grpc',
+    cwd: str | Path | None = None,
 ) -> Service:
-    """Start the service on a free port and wait until the Flow answers; raise with its log if not."""
+    """Start the service on a free port and wait until the Flow answers; raise with its log if not.
+
+    ``flow_file=None`` leaves the flow argument out (the CLI then serves its default flow).
+    """
     port = free_port()
     log_path = Path(log_path or Path(workspace).with_name(Path(workspace).name + f'-{port}.log'))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, '-m', 'clip_search', str(flow_file),
-        '--port', str(port), '--model', str(model_dir),
+        sys.executable, '-m', 'clip_search', *([str(flow_file)] if flow_file is not None else []),
+        '--port', str(port), '--model', str(model_dir), '--protocol', protocol,
         '--shards', str(shards), '--workspace', str(workspace), *extra_args,
     ]  # fmt: skip
     env = dict(os.environ, JINA_HIDE_SURVEY='1')
     with open(log_path, 'wb') as log:
         # a session of its own: kill() can then reach every process of the service at once
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    service = Service(process, port, log_path)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd
+        )
+    service = Service(process, port, log_path, scheme={'websocket': 'ws'}.get(protocol, protocol))
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
