@@ -65,7 +65,7 @@ class SearchedDocuments:
         with self._lock:
             self._drop(match.id)
             self._docs[match.id] = kept
-            self._blob_bytes += len(kept.blob or b'')
+            self._blob_bytes += _size(kept)
             while len(self._docs) > self._max_documents or self._blob_bytes > self._max_blob_bytes:
                 self._drop(next(iter(self._docs)))
 
@@ -94,8 +94,13 @@ class SearchedDocuments:
     def _drop(self, doc_id: str) -> None:
         doc = self._docs.pop(doc_id, None)
         if doc is not None:
-            self._blob_bytes -= len(doc.blob or b'')
+            self._blob_bytes -= _size(doc)
         self._thumbnails.pop(doc_id, None)
+
+
+def _size(doc: Document) -> int:
+    """Bytes an image takes in memory: its blob, or a data URI."""
+    return len(doc.blob or b'') + (len(doc.uri) if doc.uri.startswith('data:') else 0)
 
 
 def parse_filter(text: Any) -> Optional[dict]:
@@ -269,6 +274,7 @@ async def _query_document(fields: dict) -> Document:
         raise BadRequest('image must be an uploaded file or a data URI (data:image/png;base64,...)')
     if not isinstance(text, str) or not text.strip():
         raise BadRequest('query must be a non-empty text (or send an image)')
+    # always a text, even 'photo.png': a web request never makes the server read a path
     return Document(text=text.strip())
 
 

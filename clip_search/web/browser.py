@@ -9,7 +9,7 @@ import contextlib
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from docarray import Document
 
@@ -71,23 +71,23 @@ def search_on_page(driver, url: str, query: str, timeout: float = 30) -> list:
     driver.get(url)
     box = driver.find_element(By.ID, 'query')
     box.clear()
-    box.send_keys(query, Keys.ENTER)
-    return wait_for_results(driver, timeout)
+    return after_search(driver, lambda: box.send_keys(query, Keys.ENTER), timeout)
 
 
-def wait_for_results(driver, timeout: float = 30) -> list:
-    """Wait until a search has rendered (or shown an error) and every thumbnail has loaded; return the cards."""
+def after_search(driver, action: Callable[[], object], timeout: float = 30) -> list:
+    """Do ``action`` (which starts a search), wait until its answer is shown, its thumbnails loaded; return the cards."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def settled(d) -> bool:
-        if d.find_element(By.ID, 'error').is_displayed():
-            return True
-        rendered = d.find_element(By.ID, 'summary').text and 'busy' not in d.find_element(By.TAG_NAME, 'body').get_attribute('class')
-        images_done = d.execute_script("return [...document.querySelectorAll('#results img')].every(i => i.complete)")
-        return bool(rendered and images_done)
+    count = "return Number(document.body.dataset.searches || 0)"
+    before = driver.execute_script(count)
+    action()
 
-    WebDriverWait(driver, timeout).until(settled)
+    def answered(d) -> bool:
+        images_loaded = "return [...document.querySelectorAll('#results img')].every(i => i.complete)"
+        return d.execute_script(count) > before and d.execute_script(images_loaded)
+
+    WebDriverWait(driver, timeout).until(answered)
     return driver.find_elements(By.CSS_SELECTOR, '#results .result')
 
 

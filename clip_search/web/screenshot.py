@@ -31,9 +31,18 @@ def take_screenshot(output: Path, query: str = 'a red circle', width: int = 1280
                 cards = search_on_page(driver, f'http://127.0.0.1:{web_port}/', query)
                 output.parent.mkdir(parents=True, exist_ok=True)
                 driver.save_screenshot(str(output))
+                _optimize_png(output)
                 return [card.get_attribute('data-id') for card in cards]
         finally:
             service.stop()
+
+
+def _optimize_png(path: Path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+    image.save(path, optimize=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

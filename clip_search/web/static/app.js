@@ -48,6 +48,15 @@ function requestBody() {
 }
 
 async function search() {
+  try {
+    await runSearch();
+  } finally {
+    // finished searches, counted: lets a test wait for this search's answer, not the last one's
+    document.body.dataset.searches = Number(document.body.dataset.searches || 0) + 1;
+  }
+}
+
+async function runSearch() {
   if (!queryImage && !queryInput.value.trim()) {
     showError('Type a query or drop an image.');
     return;
