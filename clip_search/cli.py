@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -14,6 +16,7 @@ from typing import Optional, Sequence
 import yaml
 
 from clip_search.models import ModelUnavailableError, ensure_weights, resolve_model
+from clip_search.web.server import WebServerError, bind_web_socket
 
 DEFAULT_FLOW = 'search_flow.yml'
 ENCODER_CLASS = 'CLIPEncoder'
@@ -54,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--tls-key', help='PEM private key of --tls-cert')
     parser.add_argument('--shards', type=int, help='number of indexer shards (a workspace keeps the count it was built with)')
     parser.add_argument('--workspace', help='directory where the index is stored (the YAML says ./workspace)')
+    parser.add_argument(
+        '--web-port', type=int, help='also serve a search page and a JSON API (/api/search) over HTTP on this port'
+    )
+    parser.add_argument('--web-host', help='address the web page binds to (default: the same as --host)')
     parser.add_argument(
         '--exit-on-failure',
         action=argparse.BooleanOptionalAction,
@@ -159,13 +166,19 @@ def prepare_flow_config(flow_file: str | Path, **overrides) -> dict:
     return config
 
 
-def serve(config: dict, stop_event: Optional[threading.Event] = None, exit_on_failure: bool = True) -> int:
+def serve(
+    config: dict,
+    stop_event: Optional[threading.Event] = None,
+    exit_on_failure: bool = True,
+    web_socket: Optional[socket.socket] = None,
+) -> int:
     """Start the Flow and serve until ``stop_event``, Ctrl-C or SIGTERM; then close it cleanly.
 
     With ``exit_on_failure``, the death of any executor process (a shard, the encoder, ...) stops
     the whole service with exit code 1: a service manager or Docker's restart policy then brings
     it back, every shard with its data. Without it, the service keeps running and requests that
-    need the dead shard fail with an error naming it. Returns the exit code.
+    need the dead shard fail with an error naming it. With ``web_socket`` (see ``open_web_port``),
+    the search page is served on it while the Flow runs. Returns the exit code.
     """
     from jina import Flow
 
@@ -177,7 +190,7 @@ def serve(config: dict, stop_event: Optional[threading.Event] = None, exit_on_fa
     protocol = str((config.get('with') or {}).get('protocol', 'grpc'))
     scheme = {'websocket': 'ws'}.get(protocol, protocol) + ('s' if (config.get('gateway') or {}).get('ssl_certfile') else '')
     exit_code = 0
-    with flow:
+    with flow, _web_page(web_socket, config, scheme, flow.port):
         # Jina starts every executor as a multiprocessing child of this process, named after it
         executors = {child.pid: child.name for child in multiprocessing.active_children()}
         print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
@@ -196,6 +209,29 @@ def serve(config: dict, stop_event: Optional[threading.Event] = None, exit_on_fa
             pass
     print('clip-search stopped; the index is saved in its workspace', flush=True)
     return exit_code
+
+
+def open_web_port(config: dict, port: Optional[int], host: Optional[str]) -> Optional[socket.socket]:
+    """Listen on the ``--web-port`` before the Flow starts (a taken port fails fast); None without one."""
+    if port is None:
+        return None
+    gateway = config.get('gateway') or {}
+    if gateway.get('ssl_certfile'):
+        raise FlowConfigError('--web-port cannot be combined with --tls-cert yet: serve the page through a TLS proxy')
+    if port == (config.get('with') or {}).get('port'):
+        raise FlowConfigError(f'--web-port {port} is the gateway\'s gRPC port: pick another one')
+    return bind_web_socket(host or gateway.get('host') or '0.0.0.0', port)
+
+
+def _web_page(web_socket: Optional[socket.socket], config: dict, scheme: str, gateway_port: int):
+    """The search page beside the Flow, a client of its gateway; nothing without a socket."""
+    if web_socket is None:
+        return contextlib.nullcontext()
+    from clip_search.web.server import serve_web_page
+
+    host = (config.get('gateway') or {}).get('host')
+    gateway_host = '127.0.0.1' if host in (None, '', '0.0.0.0', '::') else host
+    return serve_web_page(web_socket, f'{scheme}://{gateway_host}:{gateway_port}', model=model_name_of(config))
 
 
 def _dead_executors(executors: dict[int, str]) -> list[str]:
@@ -219,11 +255,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             tls_key=args.tls_key,
             protocol=args.protocol,
         )
-    except (ModelUnavailableError, FlowConfigError, OSError, yaml.YAMLError) as exc:
+        web_socket = open_web_port(config, args.web_port, args.web_host)
+    except (ModelUnavailableError, FlowConfigError, WebServerError, OSError, yaml.YAMLError) as exc:
         print(f'clip-search: {exc}', file=sys.stderr)
         return 2
     try:
-        return serve(config, exit_on_failure=args.exit_on_failure)
+        return serve(config, exit_on_failure=args.exit_on_failure, web_socket=web_socket)
     except Exception as exc:  # jina has logged the details; say it in one line too
         print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
         return 1

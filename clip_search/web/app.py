@@ -1,0 +1,309 @@
+"""The search page's HTTP side: a Starlette app that answers JSON and talks to the Flow over gRPC.
+
+Routes: ``GET /`` the page, ``/static/*`` its script and style, ``POST /api/search`` (JSON or a
+multipart upload), ``GET /api/status``, ``GET /api/thumbnail?id=DOC_ID``. Every gRPC call runs in
+a small thread pool (``clip_search.Client`` is synchronous and must not block the event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+import json
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from docarray import Document
+from PIL import Image, UnidentifiedImageError
+from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from clip_search.client import Client, RequestError
+from clip_search.media import BadDocumentError, load_image
+from clip_search.sharding import DEFAULT_LIMIT, MAX_LIMIT
+
+STATIC_DIR = Path(__file__).resolve().parent / 'static'
+MAX_UPLOAD_BYTES = 16 * 2**20
+THUMBNAIL_SIZE = 256
+CLIENT_THREADS = 4
+FILTER_OPERATORS = {'!=': '$neq', '<=': '$lte', '>=': '$gte', '=': '$eq', '<': '$lt', '>': '$gt'}
+
+
+class BadRequest(ValueError):
+    """A request the page or an API user got wrong; the message names the parameter."""
+
+
+class SearchedDocuments:
+    """The image documents that searches returned, by id: the only images ``/api/thumbnail`` serves.
+
+    The Flow has no "get document by id" endpoint, so the page remembers what the index answered
+    (uri or blob, never anything a request names) and serves thumbnails of those alone. Bounded
+    by count and by bytes of image blobs, least recently used first out.
+    """
+
+    def __init__(self, max_documents: int = 4096, max_blob_bytes: int = 64 * 2**20):
+        self._docs: OrderedDict[str, Document] = OrderedDict()
+        self._thumbnails: dict[str, bytes] = {}
+        self._blob_bytes = 0
+        self._max_documents = max_documents
+        self._max_blob_bytes = max_blob_bytes
+        self._lock = threading.Lock()
+
+    def remember(self, match: Document) -> None:
+        """Keep an image match's source (uri or blob), replacing what an older answer said."""
+        kept = Document(id=match.id, uri=match.uri or None, blob=match.blob or None, mime_type=match.mime_type or None)
+        with self._lock:
+            self._drop(match.id)
+            self._docs[match.id] = kept
+            self._blob_bytes += _size(kept)
+            while len(self._docs) > self._max_documents or self._blob_bytes > self._max_blob_bytes:
+                self._drop(next(iter(self._docs)))
+
+    def get(self, doc_id: str) -> Optional[Document]:
+        with self._lock:
+            doc = self._docs.get(doc_id)
+            if doc is not None:
+                self._docs.move_to_end(doc_id)
+            return doc
+
+    def thumbnail(self, doc: Document) -> bytes:
+        """A JPEG of at most THUMBNAIL_SIZE pixels, made once per document: always re-encoded, never the raw file."""
+        with self._lock:
+            cached = self._thumbnails.get(doc.id)
+        if cached is not None:
+            return cached
+        image = load_image(doc)
+        image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+        buffer = io.BytesIO()
+        image.save(buffer, format='JPEG', quality=90)
+        with self._lock:
+            if doc.id in self._docs:
+                self._thumbnails[doc.id] = buffer.getvalue()
+        return buffer.getvalue()
+
+    def _drop(self, doc_id: str) -> None:
+        doc = self._docs.pop(doc_id, None)
+        if doc is not None:
+            self._blob_bytes -= _size(doc)
+        self._thumbnails.pop(doc_id, None)
+
+
+def _size(doc: Document) -> int:
+    """Bytes an image takes in memory: its blob, or a data URI."""
+    return len(doc.blob or b'') + (len(doc.uri) if doc.uri.startswith('data:') else 0)
+
+
+def parse_filter(text: Any) -> Optional[dict]:
+    """``color=red, shape!=star`` (or the indexer's own dict, or its JSON) -> ``{'color': {'$eq': 'red'}, ...}``."""
+    if text is None or isinstance(text, dict):
+        return text or None
+    if not isinstance(text, str):
+        raise BadRequest(f'filter={text!r} must be a string like "color=red" or a dict like {{"color": {{"$eq": "red"}}}}')
+    text = text.strip()
+    if not text:
+        return None
+    if text.startswith('{'):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f'filter {text!r} is not valid JSON: {exc}') from None
+        return parse_filter(parsed)
+    conditions: dict = {}
+    for clause in (part.strip() for part in text.split(',')):
+        column, operator, value = _split_condition(clause)
+        conditions.setdefault(column, {})[FILTER_OPERATORS[operator]] = _typed(value)
+    return conditions
+
+
+def _split_condition(clause: str) -> tuple[str, str, str]:
+    for operator in FILTER_OPERATORS:  # two-character operators first, so '<=' is not read as '<'
+        column, found, value = clause.partition(operator)
+        if found and column.strip().isidentifier() and value.strip():
+            return column.strip(), operator, value.strip().strip('"\'')
+    raise BadRequest(
+        f'filter condition {clause!r} must look like column=value (also !=, <, <=, >, >=), '
+        f'several separated by commas, e.g. "color=red, shape=circle"'
+    )
+
+
+def _typed(value: str) -> Any:
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return value
+
+
+def parse_limit(value: Any) -> int:
+    """The number of matches asked for: an integer from 1 to MAX_LIMIT (a numeric string is fine)."""
+    if value is None or value == '':
+        return DEFAULT_LIMIT
+    if isinstance(value, str) and value.strip().lstrip('-').isdigit():
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
+        raise BadRequest(f'limit={value!r} must be an integer from 1 to {MAX_LIMIT}')
+    return value
+
+
+def image_query(data: bytes, source: str = 'image') -> Document:
+    """An uploaded image as a query Document; refuse what is empty, too big or not an image."""
+    if not data:
+        raise BadRequest(f'{source} is empty')
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise BadRequest(f'{source} has {len(data)} bytes, more than {MAX_UPLOAD_BYTES} (resize it first)')
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise BadRequest(f'{source} is not a readable image ({exc})') from None
+    return Document(blob=data)
+
+
+def create_app(server: str, model: Optional[str] = None, client_threads: int = CLIENT_THREADS) -> Starlette:
+    """The web app for the clip-search Flow at ``server`` (``grpc://host:port``)."""
+    pool = ThreadPoolExecutor(max_workers=client_threads, thread_name_prefix='clip-search-web')
+    local = threading.local()  # one Client per pool thread: jina's client is not shared across threads
+    searched = SearchedDocuments()
+
+    def client() -> Client:
+        if getattr(local, 'client', None) is None:
+            local.client = Client(server)
+        return local.client
+
+    async def in_pool(function: Callable, *args) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
+
+    async def page(request: Request) -> Response:
+        return FileResponse(STATIC_DIR / 'index.html', headers={'Cache-Control': 'no-cache'})
+
+    async def search(request: Request) -> Response:
+        try:
+            query, limit, search_filter = await _read_search_request(request)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        try:
+            results = await in_pool(lambda: client().search([query], limit=limit, filter=search_filter))
+        except RequestError as exc:
+            return _error(400, exc.reason)
+        except Exception as exc:  # the Flow is down or unreachable: not the caller's fault
+            return _error(502, f'the search service did not answer: {exc}')
+        matches = []
+        for match in results[0].matches:
+            is_image = not match.text and bool(match.uri or match.blob)
+            if is_image:
+                searched.remember(match)
+            matches.append(_match_json(match, is_image))
+        return JSONResponse({
+            'query': query.text or '<image>',
+            'limit': limit,
+            'filter': search_filter,
+            'matches': matches,
+        })  # fmt: skip
+
+    async def status(request: Request) -> Response:
+        try:
+            answer = await in_pool(lambda: client().status())
+        except Exception as exc:
+            return _error(502, f'the search service did not answer: {exc}')
+        return JSONResponse({**answer, 'model': model, 'server': server})
+
+    async def thumbnail(request: Request) -> Response:
+        doc_id = request.query_params.get('id', '')
+        doc = searched.get(doc_id)
+        if doc is None:  # never a path: only ids the index returned are looked up
+            return _error(404, f'no indexed image with id {doc_id!r} was found by a search')
+        try:
+            data = await in_pool(searched.thumbnail, doc)
+        except BadDocumentError as exc:
+            return _error(404, f'the image of {doc_id!r} cannot be read any more: {exc.reason}')
+        return Response(data, media_type='image/jpeg', headers={'Cache-Control': 'private, max-age=300'})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        pool.shutdown(wait=False, cancel_futures=True)
+
+    routes = [
+        Route('/', page),
+        Route('/api/search', search, methods=['POST']),
+        Route('/api/status', status),
+        Route('/api/thumbnail', thumbnail),
+        Mount('/static', StaticFiles(directory=STATIC_DIR), name='static'),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+async def _read_search_request(request: Request) -> tuple[Document, int, Optional[dict]]:
+    """(query, limit, filter) from a multipart form (the page's image upload) or else a JSON body."""
+    content_type = request.headers.get('content-type', '')
+    if content_type.startswith('multipart/form-data'):
+        form = await request.form(max_files=1, max_fields=10)
+        fields = {key: value for key, value in form.items()}
+    else:
+        try:
+            fields = json.loads(await request.body() or b'{}')
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequest(f'the body is not JSON ({exc}): send {{"query": "...", "limit": 5}}') from None
+        if not isinstance(fields, dict):
+            raise BadRequest('the body must be a JSON object like {"query": "...", "limit": 5}')
+    limit = parse_limit(fields.get('limit'))
+    search_filter = parse_filter(fields.get('filter'))
+    return await _query_document(fields), limit, search_filter
+
+
+async def _query_document(fields: dict) -> Document:
+    image, text = fields.get('image'), fields.get('query')
+    if isinstance(image, UploadFile):
+        return image_query(await image.read())
+    if isinstance(image, str) and image:
+        return image_query(_decode_data_uri(image))
+    if image not in (None, ''):
+        raise BadRequest('image must be an uploaded file or a data URI (data:image/png;base64,...)')
+    if not isinstance(text, str) or not text.strip():
+        raise BadRequest('query must be a non-empty text (or send an image)')
+    # always a text, even 'photo.png': a web request never makes the server read a path
+    return Document(text=text.strip())
+
+
+def _decode_data_uri(uri: str) -> bytes:
+    header, comma, payload = uri.partition(',')
+    if not (uri.startswith('data:image/') and comma and header.endswith(';base64')):
+        raise BadRequest('image must be a base64 data URI like data:image/png;base64,...')
+    try:
+        return base64.b64decode(payload, validate=True)
+    except binascii.Error as exc:
+        raise BadRequest(f'image is not valid base64 ({exc})') from None
+
+
+def _match_json(match: Document, is_image: bool) -> dict:
+    return {
+        'id': match.id,
+        'text': match.text or None,
+        'uri': match.uri if match.uri and not match.uri.startswith('data:') else None,
+        'distance': float(match.scores['cosine'].value or 0.0),
+        'tags': dict(match.tags),
+        'thumbnail': f'/api/thumbnail?id={_quote(match.id)}' if is_image else None,
+    }
+
+
+def _quote(value: str) -> str:
+    from urllib.parse import quote
+
+    return quote(value, safe='')
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({'error': message}, status_code=status)
