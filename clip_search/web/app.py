@@ -1,8 +1,8 @@
 """The search page's HTTP side: a Starlette app that answers JSON and talks to the Flow over gRPC.
 
 Routes: ``GET /`` the page, ``/static/*`` its script and style, ``POST /api/search`` (JSON or a
-multipart upload), ``GET /api/status``, ``GET /api/thumbnail?id=DOC_ID``. Every gRPC call runs in
-a small thread pool (``clip_search.Client`` is synchronous and must not block the event loop).
+multipart upload), ``GET /api/status``, ``GET /api/thumbnail?id=DOC_ID``. Calls to the Flow use
+the client's asyncio methods; thumbnails are made in a small thread pool (PIL work would block the loop).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from clip_search.sharding import DEFAULT_LIMIT, MAX_LIMIT
 STATIC_DIR = Path(__file__).resolve().parent / 'static'
 MAX_UPLOAD_BYTES = 16 * 2**20
 THUMBNAIL_SIZE = 256
-CLIENT_THREADS = 4
+THUMBNAIL_THREADS = 2
 FILTER_OPERATORS = {'!=': '$neq', '<=': '$lte', '>=': '$gte', '=': '$eq', '<': '$lt', '>': '$gt'}
 
 
@@ -172,16 +172,11 @@ def image_query(data: bytes, source: str = 'image') -> Document:
     return Document(blob=data)
 
 
-def create_app(server: str, model: Optional[str] = None, client_threads: int = CLIENT_THREADS) -> Starlette:
+def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int = THUMBNAIL_THREADS) -> Starlette:
     """The web app for the clip-search Flow at ``server`` (``grpc://host:port``)."""
-    pool = ThreadPoolExecutor(max_workers=client_threads, thread_name_prefix='clip-search-web')
-    local = threading.local()  # one Client per pool thread: jina's client is not shared across threads
+    pool = ThreadPoolExecutor(max_workers=thumbnail_threads, thread_name_prefix='clip-search-thumbnails')
+    client = Client(server)
     searched = SearchedDocuments()
-
-    def client() -> Client:
-        if getattr(local, 'client', None) is None:
-            local.client = Client(server)
-        return local.client
 
     async def in_pool(function: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
@@ -195,7 +190,7 @@ def create_app(server: str, model: Optional[str] = None, client_threads: int = C
         except BadRequest as exc:
             return _error(400, str(exc))
         try:
-            results = await in_pool(lambda: client().search([query], limit=limit, filter=search_filter))
+            results = await client.asearch([query], limit=limit, filter=search_filter)
         except RequestError as exc:
             return _error(400, exc.reason)
         except Exception as exc:  # the Flow is down or unreachable: not the caller's fault
@@ -215,7 +210,7 @@ def create_app(server: str, model: Optional[str] = None, client_threads: int = C
 
     async def status(request: Request) -> Response:
         try:
-            answer = await in_pool(lambda: client().status())
+            answer = await client.astatus()
         except Exception as exc:
             return _error(502, f'the search service did not answer: {exc}')
         return JSONResponse({**answer, 'model': model, 'server': server})
