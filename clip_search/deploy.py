@@ -31,7 +31,8 @@ from unittest import mock
 import yaml
 
 from clip_search import __version__
-from clip_search.cli import INDEXER_CLASS, FlowConfigError, prepare_flow_config
+from clip_search.cli import ENCODER_CLASS, INDEXER_CLASS, FlowConfigError, prepare_flow_config
+from clip_search.models import ModelUnavailableError
 
 DEFAULT_IMAGE = f'clip-search:{__version__}'
 WORKSPACE_MOUNT = '/workspace'  # the indexer's workspace inside a container
@@ -78,7 +79,7 @@ def export_main(argv: Sequence[str]) -> int:
             written = export_docker_compose(config, args.output or 'docker-compose.yml', args.image, command)
         else:
             written = export_kubernetes(config, args.output or 'deploy/kubernetes', args.image, command)
-    except (FlowConfigError, OSError, yaml.YAMLError, ValueError) as exc:
+    except (FlowConfigError, ModelUnavailableError, OSError, yaml.YAMLError, ValueError) as exc:
         print(f'clip-search: {exc}', file=sys.stderr)
         return 2
     print(f'clip-search: wrote {written}')
@@ -236,7 +237,7 @@ def _set_uses(args: list[str], class_name: Optional[str], indexer: dict) -> list
     if class_name is None or '--uses' not in args:
         return args
     args[args.index('--uses') + 1] = class_name
-    if '--uses-with' not in args and class_name != _class_name(indexer['uses']):
+    if class_name == _class_name(indexer.get('uses_after') or '') and '--uses-with' not in args:
         # a local Flow hands uses_after the indexer's uses_with (its limit); Jina's export does not
         args[args.index('--native') : args.index('--native')] = ['--uses-with', json.dumps(indexer.get('uses_with') or {})]
     return args
@@ -244,8 +245,6 @@ def _set_uses(args: list[str], class_name: Optional[str], indexer: dict) -> list
 
 def _mount_of(class_name: Optional[str]) -> Optional[str]:
     """Where a service keeps data: a shard its index, the encoder downloaded weights; the rest nothing."""
-    from clip_search.cli import ENCODER_CLASS
-
     return {INDEXER_CLASS: WORKSPACE_MOUNT, ENCODER_CLASS: MODELS_MOUNT}.get(class_name or '')
 
 

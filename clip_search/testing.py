@@ -196,40 +196,50 @@ class ComposeProcesses:
         args = [self._localise(name, arg) for arg in (test.split() if isinstance(test, str) else test)]
         return [sys.executable, '-m', 'jina', *args[1:]] if args[0] == 'jina' else args
 
-    def start(self) -> None:
-        """Start every service as a process in a session of its own, its log in ``root/NAME.log``."""
-        env = dict(os.environ, JINA_HIDE_SURVEY='1')
-        for name, service in self.services.items():
-            service_env = dict(env, **dict(item.split('=', 1) for item in service.get('environment', [])))
-            service_env['CLIP_SEARCH_CACHE'] = self._path(name, '/models')  # as the Dockerfile sets it
-            cwd = self.root / 'containers' / name
-            cwd.mkdir(parents=True, exist_ok=True)
-            with open(self.root / f'{name}.log', 'wb') as log:
-                self.processes[name] = subprocess.Popen(
-                    self.command(name), cwd=cwd, env=service_env, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )  # fmt: skip
-
-    def wait_healthy(self, name: str, timeout: float = 180) -> None:
-        """Run the service's healthcheck until it passes; raise with the logs if it never does."""
+    def up(self, timeout: float = 240) -> None:
+        """Start the services as ``docker compose up`` does: a service that ``depends_on`` others
+        starts once their healthchecks pass; returns when every healthcheck passes."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        waiting = dict(self.services)
+        while waiting:
+            ready = [name for name, s in waiting.items() if set(s.get('depends_on') or {}) <= set(self.processes)]
+            if not ready:
+                raise ValueError(f'services {sorted(waiting)} depend on services that do not exist or on each other')
+            for name in ready:
+                self._start(name)
+                del waiting[name]
+            for name in ready:
+                self._wait_healthy(name, deadline)
+
+    def _start(self, name: str) -> None:
+        """Start one service as a process in a session of its own, its log in ``root/NAME.log``."""
+        service = self.services[name]
+        env = dict(os.environ, JINA_HIDE_SURVEY='1', **dict(item.split('=', 1) for item in service.get('environment', [])))
+        env['CLIP_SEARCH_CACHE'] = self._path(name, '/models')  # as the Dockerfile sets it
+        cwd = self.root / 'containers' / name
+        cwd.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f'{name}.log', 'wb') as log:
+            self.processes[name] = subprocess.Popen(
+                self.command(name), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _wait_healthy(self, name: str, deadline: float) -> None:
+        """Run the service's healthcheck until it passes; raise with its output and the logs at ``deadline``."""
+        while True:
             dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
             if dead:
                 raise RuntimeError(f'services exited: {dead}\n{self.logs()}')
-            if subprocess.run(self.healthcheck(name), capture_output=True, timeout=60).returncode == 0:
+            check = subprocess.run(self.healthcheck(name), capture_output=True, text=True, timeout=60)
+            if check.returncode == 0:
                 return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'{name} is not healthy: {check.stdout[-500:]}\n{self.logs()}')
             time.sleep(1)
-        raise TimeoutError(f'{name} not healthy after {timeout}s\n{self.logs()}')
-
-    def wait_all_healthy(self, timeout: float = 180) -> None:
-        """Wait for each service's healthcheck, those that others depend on first (``depends_on``)."""
-        for name in sorted(self.services, key=lambda name: bool(self.services[name].get('depends_on'))):
-            self.wait_healthy(name, timeout)
 
     def logs(self, tail: int = 1500) -> str:
+        """The end of every started service's log."""
         return '\n'.join(
-            f'--- {name}:\n' + (self.root / f'{name}.log').read_text(errors='replace')[-tail:] for name in self.services
+            f'--- {name}:\n' + (self.root / f'{name}.log').read_text(errors='replace')[-tail:] for name in self.processes
         )
 
     def stop(self, timeout: float = 30) -> None:

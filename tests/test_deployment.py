@@ -15,6 +15,7 @@ import pytest
 import yaml
 from docarray import Document
 
+from clip_search import Client
 from clip_search.cli import main
 from clip_search.testing import ComposeProcesses
 from conftest import ROOT
@@ -109,9 +110,14 @@ def test_the_kubernetes_manifests_are_the_export_and_keep_each_shard_on_its_own_
     assert option(head_containers['uses-after']['args'], '--uses') == 'ShardMerger'
 
 
-def test_export_refuses_a_bad_shard_count_by_name(tmp_path, capsys):
-    assert main(['export', 'docker-compose', str(ROOT / 'flows' / 'search_flow.yml'), '--shards', '0', '-o', str(tmp_path / 'c.yml')]) == 2
-    assert '--shards must be at least 1' in capsys.readouterr().err
+@pytest.mark.parametrize(
+    'option_given, message',
+    [(['--shards', '0'], '--shards must be at least 1'), (['--model', 'no-such-model'], "Unknown model 'no-such-model'")],
+)
+def test_export_refuses_bad_options_by_name(tmp_path, capsys, option_given, message):
+    flow = str(ROOT / 'flows' / 'search_flow.yml')
+    assert main(['export', 'docker-compose', flow, *option_given, '-o', str(tmp_path / 'c.yml')]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / 'c.yml').exists()
 
 
@@ -132,15 +138,13 @@ def test_the_dockerfile_installs_the_project_from_the_lock_and_serves_61000_as_a
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # it takes 30 s; a hang fails here, with its traceback, and every process is stopped
 def test_the_compose_topology_indexes_and_searches_as_separate_processes(tmp_path, tiny_model, monkeypatch):
     export(monkeypatch, 'docker-compose', 'flows/search_flow.yml', '--model', str(tiny_model), '-o', str(tmp_path / 'compose.yml'))
     services = ComposeProcesses(tmp_path / 'compose.yml', tmp_path / 'run')
     assert len(services.services) == 6  # gateway, encoder, indexer head, 2 shards, merger
-    services.start()
     try:
-        services.wait_all_healthy()
-        from clip_search import Client
-
+        services.up()  # the gateway starts once every executor's healthcheck passes, as in compose
         client = Client(f'grpc://127.0.0.1:{services.gateway_port}')
         docs = [Document(id=f'doc-{i}', text=f'sentence number {i} about {word}')
                 for i, word in enumerate(['apples', 'boats', 'clouds', 'dogs', 'engines', 'forests'] * 3)]  # fmt: skip
