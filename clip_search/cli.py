@@ -1,4 +1,7 @@
-"""``python -m clip_search FLOW.yml``: load a Flow YAML, apply the overrides, serve until stopped."""
+"""``python -m clip_search FLOW.yml``: load a Flow YAML, apply the overrides, serve until stopped.
+
+``python -m clip_search export docker-compose|kubernetes FLOW.yml`` writes it as containers (deploy.py).
+"""
 
 from __future__ import annotations
 
@@ -156,12 +159,16 @@ def model_name_of(config: dict) -> str:
     return str((encoder.get('uses_with') or {}).get('name', DEFAULT_MODEL))
 
 
-def prepare_flow_config(flow_file: str | Path, **overrides) -> dict:
-    """Everything ``main`` does before starting: YAML, overrides, model check, index dimension."""
+def prepare_flow_config(flow_file: str | Path, fetch_weights: bool = True, **overrides) -> dict:
+    """Everything ``main`` does before starting: YAML, overrides, model check, index dimension.
+
+    ``fetch_weights=False`` (for ``export``) skips fetching the weights: a container fetches them.
+    """
     config = load_flow_config(flow_file, **overrides)
     model_name = model_name_of(config)
     spec = resolve_model(model_name)
-    ensure_weights(spec)
+    if fetch_weights:
+        ensure_weights(spec)
     set_index_dimension(config, spec.embed_dim, model_name)
     return config
 
@@ -241,6 +248,11 @@ def _dead_executors(executors: dict[int, str]) -> list[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault('JINA_HIDE_SURVEY', '1')
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ['export']:  # `python -m clip_search export ...`: a parser of its own, see deploy.py
+        from clip_search.deploy import export_main
+
+        return export_main(argv[1:])
     _internal_ports_outside_ephemeral_range()
     args = build_parser().parse_args(argv)
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,3 +155,133 @@ def start_service(
         time.sleep(0.5)
     service.stop()
     raise TimeoutError(f'service not ready after {ready_timeout}s:\n{service.log()[-3000:]}')
+
+
+class ComposeProcesses:
+    """The services of a docker-compose file, each run as a local process (no Docker engine needed).
+
+    Each service runs its own ``entrypoint`` + ``command`` with the changes a container network
+    would make unnecessary: service hostnames become 127.0.0.1, every service gets a free loopback
+    port instead of its container port, and each named volume is a folder under ``root``.
+    """
+
+    def __init__(self, compose_file: str | Path, root: str | Path):
+        import yaml
+
+        self.compose = yaml.safe_load(Path(compose_file).read_text())
+        self.root = Path(root)
+        self.services: dict = self.compose['services']
+        self.ports = {name: free_port() for name in self.services}
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def volume(self, name: str) -> Path:
+        """The folder that stands for a named volume."""
+        return self.root / 'volumes' / name
+
+    @property
+    def gateway_port(self) -> int:
+        return self.ports['gateway']
+
+    def command(self, name: str) -> list[str]:
+        """The service's entrypoint and command, on loopback with local ports and folders."""
+        service = self.services[name]
+        args = [*service.get('entrypoint', []), *service.get('command', [])]
+        if '--workspace' in args:
+            args[args.index('--workspace') + 1] = self._path(name, args[args.index('--workspace') + 1])
+        args = [self._localise(name, arg) for arg in args]
+        if '--port' in args:
+            args[args.index('--port') + 1] = str(self.ports[name])
+        if args[0] == 'jina':  # the image's console script; here the same, run by this interpreter
+            args = [sys.executable, '-m', 'jina', *args[1:]]
+        if '--host' not in args:  # the gateway binds every interface of its container: here loopback only
+            args += ['--host', '127.0.0.1']
+        return args
+
+    def healthcheck(self, name: str) -> list[str]:
+        """The service's healthcheck command, localised like its command."""
+        test = self.services[name]['healthcheck']['test']
+        args = [self._localise(name, arg) for arg in (test.split() if isinstance(test, str) else test)]
+        return [sys.executable, '-m', 'jina', *args[1:]] if args[0] == 'jina' else args
+
+    def up(self, timeout: float = 240) -> None:
+        """Start the services as ``docker compose up`` does: a service that ``depends_on`` others
+        starts once their healthchecks pass; returns when every healthcheck passes."""
+        deadline = time.monotonic() + timeout
+        waiting = dict(self.services)
+        while waiting:
+            ready = [name for name, s in waiting.items() if set(s.get('depends_on') or {}) <= set(self.processes)]
+            if not ready:
+                raise ValueError(f'services {sorted(waiting)} depend on services that do not exist or on each other')
+            for name in ready:
+                self._start(name)
+                del waiting[name]
+            for name in ready:
+                self._wait_healthy(name, deadline)
+
+    def _start(self, name: str) -> None:
+        """Start one service as a process in a session of its own, its log in ``root/NAME.log``."""
+        service = self.services[name]
+        env = dict(os.environ, JINA_HIDE_SURVEY='1', **dict(item.split('=', 1) for item in service.get('environment', [])))
+        env['CLIP_SEARCH_CACHE'] = self._path(name, '/models')  # as the Dockerfile sets it
+        cwd = self.root / 'containers' / name
+        cwd.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f'{name}.log', 'wb') as log:
+            self.processes[name] = subprocess.Popen(
+                self.command(name), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def _wait_healthy(self, name: str, deadline: float) -> None:
+        """Run the service's healthcheck until it passes; raise with its output and the logs at ``deadline``."""
+        while True:
+            dead = {n: p.returncode for n, p in self.processes.items() if p.poll() is not None}
+            if dead:
+                raise RuntimeError(f'services exited: {dead}\n{self.logs()}')
+            check = subprocess.run(self.healthcheck(name), capture_output=True, text=True, timeout=60)
+            if check.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'{name} is not healthy: {check.stdout[-500:]}\n{self.logs()}')
+            time.sleep(1)
+
+    def logs(self, tail: int = 1500) -> str:
+        """The end of every started service's log."""
+        return '\n'.join(
+            f'--- {name}:\n' + (self.root / f'{name}.log').read_text(errors='replace')[-tail:] for name in self.processes
+        )
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM every service, as ``docker compose down`` does, then SIGKILL what is left."""
+        for process in self.processes.values():
+            _kill_group(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _kill_group(process.pid, signal.SIGKILL)
+            process.wait()
+
+    def _localise(self, name: str, arg: str) -> str:
+        """One argument as it must be outside a container network."""
+        arg = str(arg)
+        for other, service in self.services.items():
+            for port in _service_ports(service):
+                # `indexer-0:8081` in a connection list, `127.0.0.1:8081` in the service's own healthcheck
+                host = r'127\.0\.0\.1' if other == name else re.escape(other)
+                arg = re.sub(rf'(?<![\w.-]){host}:{port}\b', f'127.0.0.1:{self.ports[other]}', arg)
+        return '127.0.0.1' if arg == '0.0.0.0' else arg
+
+    def _path(self, name: str, path: str) -> str:
+        """A path in the service's container: in one of its volumes, or else in its own file system."""
+        for volume in self.services[name].get('volumes', []):
+            source, target = volume.split(':')[:2]
+            if path == target or path.startswith(target + '/'):
+                return str(self.volume(source)) + path[len(target) :]
+        return str(self.root / 'containers' / name) + path
+
+
+def _service_ports(service: dict) -> list[int]:
+    """The ports a compose service listens on: what its command gives after ``--port``."""
+    command = [str(arg) for arg in service.get('command', [])]
+    return [int(command[command.index('--port') + 1])] if '--port' in command else []

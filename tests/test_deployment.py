@@ -1,0 +1,164 @@
+"""Deployment: the Dockerfile, the exported docker-compose file and Kubernetes manifests.
+
+No Docker engine runs here, so the compose topology is proven by running each of its services as
+a local process with the entrypoint and command the file gives (see ``ComposeProcesses``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from docarray import Document
+
+from clip_search import Client
+from clip_search.cli import main
+from clip_search.testing import ComposeProcesses
+from conftest import ROOT
+
+COMPOSE_FILE = ROOT / 'docker-compose.yml'
+K8S_DIR = ROOT / 'deploy' / 'kubernetes'
+
+
+def option(args: list, name: str, default=None):
+    """The value after ``name`` in a command line."""
+    args = [str(arg) for arg in args]
+    return args[args.index(name) + 1] if name in args else default
+
+
+def services_running(compose: dict, class_name: str) -> dict:
+    return {name: s for name, s in compose['services'].items() if option(s['command'], '--uses') == class_name}
+
+
+def export(monkeypatch, *args: str) -> None:
+    monkeypatch.chdir(ROOT)  # the file's header records the command as given, with the flow path
+    assert main(['export', *args]) == 0
+
+
+def test_the_checked_in_compose_file_is_the_export_of_the_default_flow(tmp_path, monkeypatch):
+    export(monkeypatch, 'docker-compose', 'flows/search_flow.yml', '-o', str(tmp_path / 'compose.yml'))
+    assert (tmp_path / 'compose.yml').read_text() == COMPOSE_FILE.read_text(), (
+        'docker-compose.yml is stale: run `python -m clip_search export docker-compose flows/search_flow.yml`'
+    )
+
+
+def test_each_shard_is_a_service_with_its_shard_id_and_a_volume_of_its_own():
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    shards = services_running(compose, 'AnnLiteIndexer')
+    assert len(shards) >= 2
+    assert sorted(int(option(s['command'], '--shard-id', 0)) for s in shards.values()) == list(range(len(shards)))
+    assert {option(s['command'], '--shards') for s in shards.values()} == {str(len(shards))}
+    volumes = [s['volumes'] for s in shards.values()]
+    assert all(len(v) == 1 for v in volumes) and len({v[0].split(':')[0] for v in volumes}) == len(shards)
+    for shard in shards.values():
+        name, mount = shard['volumes'][0].split(':')
+        assert name in compose['volumes'] and mount == option(shard['command'], '--workspace')
+
+
+def test_the_compose_flow_keeps_placement_merging_and_the_public_port_of_the_served_one():
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())
+    services = compose['services']
+    head = services['indexer-head']['command']
+    assert json.loads(option(head, '--polling'))['/index'] == 'ALL' and option(head, '--retries') == '0'
+    (merger,) = services_running(compose, 'ShardMerger').values()
+    assert json.loads(option(merger['command'], '--uses-with'))['limit'] == 10  # the indexer's, as in a local Flow
+    assert option(head, '--uses-after-address') == 'indexer-uses-after:8081'
+    (encoder,) = services_running(compose, 'CLIPEncoder').values()
+    assert json.loads(option(encoder['command'], '--uses-with'))['name'] == 'ViT-B-32::openai'
+    assert encoder['volumes'] == ['models:/models']  # downloaded weights survive a new container
+    assert services['gateway']['ports'] == ['61000:61000']
+    assert [name for name, s in services.items() if 'ports' in s] == ['gateway']  # executors are not published
+    assert {s['image'] for s in services.values()} == {'clip-search:0.1.0'}
+    assert all(s['restart'] == 'unless-stopped' for s in services.values())
+
+
+def test_the_compose_file_is_valid_against_the_compose_specification():
+    result = subprocess.run(
+        [sys.executable, '-m', 'check_jsonschema', '--builtin-schema', 'vendor.compose-spec', str(COMPOSE_FILE)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_kubernetes_manifests_are_the_export_and_keep_each_shard_on_its_own_claim(tmp_path, monkeypatch):
+    import kubernetes_validate
+
+    export(monkeypatch, 'kubernetes', 'flows/search_flow.yml', '-o', str(tmp_path))
+    exported = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*.yml'))
+    assert exported == sorted(p.relative_to(K8S_DIR) for p in K8S_DIR.rglob('*.yml'))
+    for path in exported:
+        assert (tmp_path / path).read_text() == (K8S_DIR / path).read_text(), f'{path} is stale: export again'
+    workloads = {}
+    for path in exported:
+        for doc in yaml.safe_load_all((K8S_DIR / path).read_text()):
+            kubernetes_validate.validate(doc, '1.30.0', strict=True)
+            if doc['kind'] in ('Deployment', 'StatefulSet'):
+                workloads[doc['metadata']['name']] = doc
+    for name in ('indexer-0', 'indexer-1'):
+        shard = workloads[name]
+        assert shard['kind'] == 'StatefulSet'  # a PersistentVolumeClaim per shard: the index outlives its pod
+        (claim,) = shard['spec']['volumeClaimTemplates']
+        (container,) = shard['spec']['template']['spec']['containers']
+        assert container['volumeMounts'] == [{'name': claim['metadata']['name'], 'mountPath': '/workspace'}]
+        assert option(container['args'], '--workspace') == '/workspace' and option(container['args'], '--uses') == 'AnnLiteIndexer'
+    assert option(workloads['indexer-1']['spec']['template']['spec']['containers'][0]['args'], '--shard-id') == '1'
+    head_containers = {c['name']: c for c in workloads['indexer-head']['spec']['template']['spec']['containers']}
+    assert option(head_containers['uses-after']['args'], '--uses') == 'ShardMerger'
+
+
+@pytest.mark.parametrize(
+    'option_given, message',
+    [(['--shards', '0'], '--shards must be at least 1'), (['--model', 'no-such-model'], "Unknown model 'no-such-model'")],
+)
+def test_export_refuses_bad_options_by_name(tmp_path, capsys, option_given, message):
+    flow = str(ROOT / 'flows' / 'search_flow.yml')
+    assert main(['export', 'docker-compose', flow, *option_given, '-o', str(tmp_path / 'c.yml')]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / 'c.yml').exists()
+
+
+def test_the_dockerfile_installs_the_project_from_the_lock_and_serves_61000_as_a_user():
+    text = (ROOT / 'Dockerfile').read_text()
+    instructions = [line.split(None, 1) for line in re.sub(r'\\\n\s*', ' ', text).splitlines() if line and line[0] != '#']
+    final_stage = instructions[max(i for i, (op, _) in enumerate(instructions) if op == 'FROM') :]
+    last = {op: arg for op, arg in final_stage}
+    assert last['FROM'].startswith('python:3.11')
+    assert any(op == 'RUN' and '-c requirements.lock .' in arg for op, arg in instructions)
+    assert last['USER'] not in ('root', '0')
+    assert last['EXPOSE'] == '61000' and json.loads(last['ENTRYPOINT']) == ['python', '-m', 'clip_search']
+    assert set(json.loads(last['VOLUME'])) == {'/workspace', '/models'} and 'CLIP_SEARCH_CACHE=/models' in last['ENV']
+    assert 'grpc://127.0.0.1:61000' in last['HEALTHCHECK']
+    for op, arg in instructions:
+        if op == 'COPY' and not arg.startswith('--from'):
+            assert all((ROOT / path).exists() for path in arg.split()[:-1]), arg
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # it takes 30 s; a hang fails here, with its traceback, and every process is stopped
+def test_the_compose_topology_indexes_and_searches_as_separate_processes(tmp_path, tiny_model, monkeypatch):
+    export(monkeypatch, 'docker-compose', 'flows/search_flow.yml', '--model', str(tiny_model), '-o', str(tmp_path / 'compose.yml'))
+    services = ComposeProcesses(tmp_path / 'compose.yml', tmp_path / 'run')
+    assert len(services.services) == 6  # gateway, encoder, indexer head, 2 shards, merger
+    try:
+        services.up()  # the gateway starts once every executor's healthcheck passes, as in compose
+        client = Client(f'grpc://127.0.0.1:{services.gateway_port}')
+        docs = [Document(id=f'doc-{i}', text=f'sentence number {i} about {word}')
+                for i, word in enumerate(['apples', 'boats', 'clouds', 'dogs', 'engines', 'forests'] * 3)]  # fmt: skip
+        client.index(docs)
+        for doc, result in zip(docs, client.search([doc.text for doc in docs], limit=3)):
+            assert result.matches[0].id == doc.id
+            assert result.matches[0].scores['cosine'].value == pytest.approx(0, abs=1e-4)
+            assert len(result.matches) == 3
+        status = client.status()
+        assert status['documents'] == len(docs) and status['index']['shards'] == 2
+        per_shard = {shard['shard']: shard['documents'] for shard in status['shards']}
+        assert set(per_shard) == {0, 1} and all(per_shard.values())  # placement by id hash reached both shards
+        for shard in (0, 1):  # each shard wrote its index into its own volume, which records the shard count
+            (settings,) = services.volume(f'indexer-{shard}-workspace').rglob('clip_search_index.json')
+            assert json.loads(settings.read_text())['shards'] == 2
+    finally:
+        services.stop()
