@@ -15,6 +15,7 @@ WORKDIR /src
 COPY requirements.lock pyproject.toml README.md ./
 COPY clip_search clip_search
 COPY executors executors
+COPY flows flows
 # The lock pins every package; the CPU index makes torch==2.14.1 the small CPU build (2.14.1+cpu).
 # For a GPU image, build with --build-arg TORCH_INDEX=https://pypi.org/simple.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
@@ -27,7 +28,6 @@ RUN useradd --create-home --uid 10001 clip \
     && chown clip:clip /workspace /models
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY flows flows
 # CLIP_SEARCH_CACHE: real weights (e.g. ViT-B-32::openai) are downloaded once into the /models volume
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -41,4 +41,5 @@ EXPOSE 61000
 HEALTHCHECK --interval=30s --timeout=10s --start-period=600s --retries=3 \
     CMD ["jina", "ping", "gateway", "grpc://127.0.0.1:61000"]
 ENTRYPOINT ["python", "-m", "clip_search"]
-CMD ["flows/search_flow.yml", "--workspace", "/workspace", "--model", "mini::shapes"]
+# search_flow.yml is shipped inside the package (clip_search/flows)
+CMD ["search_flow.yml", "--workspace", "/workspace", "--model", "mini::shapes"]

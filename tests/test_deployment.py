@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import yaml
@@ -135,6 +137,24 @@ def test_the_dockerfile_installs_the_project_from_the_lock_and_serves_61000_as_a
     for op, arg in instructions:
         if op == 'COPY' and not arg.startswith('--from'):
             assert all((ROOT / path).exists() for path in arg.split()[:-1]), arg
+
+
+def test_the_dockerfile_build_stage_has_everything_the_package_build_needs(tmp_path):
+    """No engine here: build the wheel from exactly the files the build stage copies, as pip would in it."""
+    text = (ROOT / 'Dockerfile').read_text()
+    build_stage = text.split('\nFROM ')[1]
+    (tmp_path / 'context').mkdir()
+    for source in re.findall(r'^COPY (?!--from)(.+) \S+$', build_stage, flags=re.M):
+        for path in source.split():
+            copy = shutil.copytree if (ROOT / path).is_dir() else shutil.copy
+            copy(ROOT / path, tmp_path / 'context' / path)
+    subprocess.run(
+        [sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w', str(tmp_path / 'wheel'), '.'],
+        cwd=tmp_path / 'context', check=True, capture_output=True,
+    )
+    wheel = zipfile.ZipFile(next((tmp_path / 'wheel').glob('*.whl')))
+    names = set(wheel.namelist())
+    assert {'clip_search/flows/search_flow.yml', 'executors/clip_encoder.py', 'clip_search/models/mini_shapes/open_clip_config.json'} <= names
 
 
 @pytest.mark.slow
