@@ -36,10 +36,14 @@ class Client:
     >>> client.search(['smile'], limit=3)[0].matches[:, ('text', 'scores__cosine__value')]
     """
 
-    def __init__(self, server: str = 'grpc://localhost:61000', **client_kwargs: Any):
+    def __init__(self, server: str = 'grpc://localhost:61000', timeout: Optional[float] = None, **client_kwargs: Any):
         """:param server: ``scheme://host:port`` with scheme grpc, grpcs (TLS), http, https, ws or wss
+        :param timeout: seconds one request (one batch) may take before it fails; default: no limit
         :param client_kwargs: passed to ``jina.Client``
         """
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f'timeout={timeout} must be positive seconds (or None for no limit)')
+        self.timeout = timeout
         from jina import Client as JinaClient
 
         scheme = server.split('://', 1)[0] if '://' in server else ''
@@ -206,6 +210,7 @@ class Client:
                 results_in_order=True,  # answers line up with the inputs, batch after batch
                 return_responses=responses,
                 stream=False,
+                **({'timeout': self.timeout} if self.timeout else {}),
             ):
                 collected.append(answer) if responses else collected.extend(answer)
         except BadServer as exc:

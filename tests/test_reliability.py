@@ -183,3 +183,23 @@ def test_an_image_url_that_never_answers_times_out_instead_of_hanging(service):
     finally:
         silent.close()
     assert service.client().status()['documents'] == 20
+
+
+def test_a_client_timeout_ends_a_request_to_a_server_that_never_answers():
+    import socket
+
+    from clip_search import Client
+
+    silent = socket.socket()
+    silent.bind(('127.0.0.1', 0))
+    silent.listen(8)  # accepts connections (the kernel does) and never says a word
+    try:
+        client = Client(f'grpc://127.0.0.1:{silent.getsockname()[1]}', timeout=2)
+        started = time.monotonic()
+        with pytest.raises(ConnectionError, match='Deadline Exceeded'):
+            client.status()
+        assert time.monotonic() - started < 15
+    finally:
+        silent.close()
+    with pytest.raises(ValueError, match='timeout=0'):
+        Client('grpc://127.0.0.1:1', timeout=0)
