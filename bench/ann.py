@@ -1,0 +1,203 @@
+"""Nearest-neighbour worker: build and query one library on the shared vectors, in this process only.
+
+    python bench/ann.py '{"lib": "hnswlib", "data": DIR, ...}' OUT.json
+
+``lib`` is ``faiss`` (exact flat index; writes the ground truth ``gt.npy``), ``hnswlib``, ``annlite``
+(bare annlite and our AnnLiteIndexer on one index) or ``scaling`` (our indexer as the collection
+grows). Searches send one query per call from one thread, as a shard serves a request; every HNSW
+uses the same M, ef_construction and ef_search (common.HNSW).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import HNSW, LIMIT, clustered_vectors, exact_top_k, dir_size_mib, median, percentile, recall_at_k, rss_mib, worker_main
+
+
+def timed_queries(search, queries: np.ndarray) -> tuple[list, list[float]]:
+    """Run ``search(query)`` for every query; return the results and each call's seconds."""
+    results, seconds = [], []
+    for query in queries:
+        started = time.perf_counter()
+        results.append(search(query))
+        seconds.append(time.perf_counter() - started)
+    return results, seconds
+
+
+def search_stats(name: str, results: list, seconds: list[float], gt: np.ndarray | None) -> dict:
+    return {
+        'name': name,
+        'qps': len(seconds) / sum(seconds),
+        'p50_ms': 1000 * median(seconds),
+        'p99_ms': 1000 * percentile(seconds, 99),
+        'recall_at_10': recall_at_k(results, gt) if gt is not None else None,
+    }
+
+
+def run_faiss(corpus: np.ndarray, queries: np.ndarray, data: Path) -> list[dict]:
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    before = rss_mib()
+    started = time.perf_counter()
+    index = faiss.IndexFlatIP(corpus.shape[1])  # inner product of unit vectors = cosine similarity
+    index.add(corpus)
+    build = time.perf_counter() - started
+    memory = rss_mib() - before
+    _, gt = index.search(queries, LIMIT)
+    np.save(data / 'gt.npy', gt)
+    results, seconds = timed_queries(lambda q: index.search(q[None], LIMIT)[1][0], queries)
+    return [dict(search_stats('faiss flat (exact)', results, seconds, gt), build_s=build, memory_mib=memory)]
+
+
+def run_hnswlib(corpus: np.ndarray, queries: np.ndarray, gt: np.ndarray) -> list[dict]:
+    import hnswlib
+
+    before = rss_mib()
+    started = time.perf_counter()
+    index = hnswlib.Index(space='cosine', dim=corpus.shape[1])
+    index.init_index(max_elements=len(corpus), M=HNSW['M'], ef_construction=HNSW['ef_construction'])
+    index.add_items(corpus, np.arange(len(corpus)))  # all cores, as annlite builds
+    build = time.perf_counter() - started
+    memory = rss_mib() - before
+    index.set_ef(HNSW['ef_search'])
+    index.set_num_threads(1)
+    results, seconds = timed_queries(lambda q: index.knn_query(q, k=LIMIT)[0][0], queries)
+    return [dict(search_stats('hnswlib', results, seconds, gt), build_s=build, memory_mib=memory)]
+
+
+def new_indexer(workspace: Path, dim: int):
+    """Our AnnLiteIndexer (one shard), as the Flow configures it but with common.HNSW."""
+    from executors.annlite_indexer import AnnLiteIndexer
+
+    return AnnLiteIndexer(
+        n_dim=dim,
+        metric='cosine',
+        workspace=str(workspace),
+        max_connection=HNSW['M'],
+        ef_construction=HNSW['ef_construction'],
+        ef_search=HNSW['ef_search'],
+    )
+
+
+def index_into(indexer, corpus: np.ndarray, start: int, stop: int, batch: int = 1000) -> None:
+    """Index corpus[start:stop] as documents ``d<i>`` in requests of ``batch``, as the Flow sends them."""
+    from docarray import Document, DocumentArray
+
+    for first in range(start, stop, batch):
+        last = min(stop, first + batch)
+        indexer.index(DocumentArray(Document(id=f'd{i}', embedding=corpus[i]) for i in range(first, last)))
+
+
+def query_docs(queries: np.ndarray) -> list:
+    from docarray import Document, DocumentArray
+
+    return [DocumentArray([Document(embedding=q)]) for q in queries]
+
+
+def executor_search(indexer, docs) -> list[int]:
+    indexer.search(docs, parameters={'limit': LIMIT})
+    return [int(match.id[1:]) for match in docs[0].matches]
+
+
+def run_annlite(corpus: np.ndarray, queries: np.ndarray, gt: np.ndarray, profile_path: str | None) -> list[dict]:
+    from docarray import Document, DocumentArray
+
+    workspace = Path(tempfile.mkdtemp(prefix='bench-annlite-'))
+    before = rss_mib()
+    started = time.perf_counter()
+    indexer = new_indexer(workspace, corpus.shape[1])
+    index_into(indexer, corpus, 0, len(corpus))
+    build = time.perf_counter() - started
+    memory = rss_mib() - before
+    annlite = indexer._index  # the bare annlite index under our executor: same graph, same data
+
+    def bare_vectors(q):
+        return [int(d.id[1:]) for d in annlite.search_by_vectors(q[None], limit=LIMIT, include_metadata=False)[1][0]]
+
+    def bare_docs(q):
+        docs = DocumentArray([Document(embedding=q)])
+        annlite.search(docs, limit=LIMIT)
+        return [int(m.id[1:]) for m in docs[0].matches]
+
+    rows = []
+    for name, search in (('annlite search_by_vectors (ids only)', bare_vectors), ('annlite search (documents)', bare_docs)):
+        results, seconds = timed_queries(search, queries)
+        rows.append(dict(search_stats(name, results, seconds, gt), build_s=build, memory_mib=memory))
+    docs = query_docs(queries)
+    results, seconds = timed_queries(lambda d: executor_search(indexer, d), docs)
+    rows.append(
+        dict(search_stats('ours: AnnLiteIndexer.search', results, seconds, gt), build_s=build, memory_mib=memory, disk_mib=dir_size_mib(workspace))
+    )
+    if profile_path:
+        write_profile(lambda: [executor_search(indexer, d) for d in query_docs(queries[:300])], profile_path)
+    indexer.close()
+    return rows
+
+
+def write_profile(work, path: str) -> None:
+    """Profile ``work()`` with pyinstrument and save the call tree as text."""
+    from pyinstrument import Profiler
+
+    profiler = Profiler(interval=0.0005)
+    profiler.start()
+    work()
+    profiler.stop()
+    Path(path).write_text(profiler.output_text(unicode=False, color=False, show_all=False))
+
+
+def run_scaling(task: dict) -> list[dict]:
+    """Grow our indexer through ``sizes``, measuring search latency, recall, memory and disk at each."""
+    sizes = task['sizes']
+    queries = clustered_vectors(task['n_queries'], task['clusters'], seed=2)
+    corpus = clustered_vectors(sizes[-1], task['clusters'], seed=task.get('seed', 3))
+    workspace = Path(tempfile.mkdtemp(prefix='bench-scaling-'))
+    baseline = rss_mib()  # after the corpus exists: what follows is the index's own memory
+    indexer = new_indexer(workspace, corpus.shape[1])
+    docs = query_docs(queries)
+    rows, indexed, index_seconds = [], 0, 0.0
+    for size in sizes:
+        started = time.perf_counter()
+        index_into(indexer, corpus, indexed, size)
+        index_seconds += time.perf_counter() - started
+        indexed = size
+        results, seconds = timed_queries(lambda d: executor_search(indexer, d), docs)
+        exact = exact_top_k(queries, corpus[:size], LIMIT)
+        rows.append({
+            'vectors': size,
+            'p50_ms': 1000 * median(seconds),
+            'p99_ms': 1000 * percentile(seconds, 99),
+            'recall_at_10': recall_at_k(results, exact),
+            'index_docs_per_s': size / index_seconds,
+            'rss_mib': rss_mib() - baseline,
+            'disk_mib': dir_size_mib(workspace),
+            'deadline_hit': False,
+        })
+        print(f'scaling: {size} vectors, p50 {rows[-1]["p50_ms"]:.2f} ms, rss {rows[-1]["rss_mib"]:.0f} MiB', flush=True)
+        if time.monotonic() > task['deadline']:
+            rows[-1]['deadline_hit'] = True
+            break
+    indexer.close()
+    return rows
+
+
+def run(task: dict) -> list[dict]:
+    if task['lib'] == 'scaling':
+        return run_scaling(task)
+    data = Path(task['data'])
+    corpus, queries = np.load(data / 'corpus.npy'), np.load(data / 'queries.npy')
+    if task['lib'] == 'faiss':
+        return run_faiss(corpus, queries, data)
+    gt = np.load(data / 'gt.npy')
+    if task['lib'] == 'hnswlib':
+        return run_hnswlib(corpus, queries, gt)
+    return run_annlite(corpus, queries, gt, task.get('profile'))
+
+
+if __name__ == '__main__':
+    worker_main(run)
