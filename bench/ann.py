@@ -2,14 +2,17 @@
 
     python bench/ann.py '{"lib": "hnswlib", "data": DIR, ...}' OUT.json
 
-``lib`` is ``faiss`` (exact flat index; writes the ground truth ``gt.npy``), ``hnswlib``, ``annlite``
-(bare annlite and our AnnLiteIndexer on one index) or ``scaling`` (our indexer as the collection
-grows). Searches send one query per call from one thread, as a shard serves a request; every HNSW
-uses the same M, ef_construction and ef_search (common.HNSW).
+``lib`` is ``faiss`` (exact flat index; writes the ground truth ``gt.npy``) or ``scaling`` (our
+indexer as the collection grows); with ``"serve": true`` and ``lib`` ``hnswlib`` or ``annlite``
+(bare annlite and our AnnLiteIndexer on one index) it builds and then answers search commands on
+stdin (see :func:`serve`). Searches send one query per call from one thread, as a shard serves a
+request; every HNSW uses the same M, ef_construction and ef_search (common.HNSW).
 """
 
 from __future__ import annotations
 
+import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -55,7 +58,7 @@ def run_faiss(corpus: np.ndarray, queries: np.ndarray, data: Path) -> list[dict]
     return [dict(search_stats('faiss flat (exact)', results, seconds, gt), build_s=build, memory_mib=memory)]
 
 
-def run_hnswlib(corpus: np.ndarray, queries: np.ndarray, gt: np.ndarray) -> list[dict]:
+def build_hnswlib(corpus: np.ndarray) -> tuple[dict, dict]:
     import hnswlib
 
     before = rss_mib()
@@ -63,12 +66,10 @@ def run_hnswlib(corpus: np.ndarray, queries: np.ndarray, gt: np.ndarray) -> list
     index = hnswlib.Index(space='cosine', dim=corpus.shape[1])
     index.init_index(max_elements=len(corpus), M=HNSW['M'], ef_construction=HNSW['ef_construction'])
     index.add_items(corpus, np.arange(len(corpus)))  # all cores, as annlite builds
-    build = time.perf_counter() - started
-    memory = rss_mib() - before
+    build = {'build_s': time.perf_counter() - started, 'memory_mib': rss_mib() - before}
     index.set_ef(HNSW['ef_search'])
     index.set_num_threads(1)
-    results, seconds = timed_queries(lambda q: index.knn_query(q, k=LIMIT)[0][0], queries)
-    return [dict(search_stats('hnswlib', results, seconds, gt), build_s=build, memory_mib=memory)]
+    return build, {'hnswlib': lambda q, i: index.knn_query(q, k=LIMIT)[0][0]}
 
 
 def new_indexer(workspace: Path, dim: int):
@@ -105,39 +106,35 @@ def executor_search(indexer, docs) -> list[int]:
     return [int(match.id[1:]) for match in docs[0].matches]
 
 
-def run_annlite(corpus: np.ndarray, queries: np.ndarray, gt: np.ndarray, profile_path: str | None) -> list[dict]:
+def build_annlite(corpus: np.ndarray, queries: np.ndarray) -> tuple[dict, dict]:
+    """Our indexer, and the bare annlite index under it (same graph, same data) called two ways."""
     from docarray import Document, DocumentArray
+
+    import executors.annlite_indexer  # noqa: F401  (imported before the baseline: memory is the index's)
 
     workspace = Path(tempfile.mkdtemp(prefix='bench-annlite-'))
     before = rss_mib()
     started = time.perf_counter()
     indexer = new_indexer(workspace, corpus.shape[1])
     index_into(indexer, corpus, 0, len(corpus))
-    build = time.perf_counter() - started
-    memory = rss_mib() - before
-    annlite = indexer._index  # the bare annlite index under our executor: same graph, same data
+    build = {'build_s': time.perf_counter() - started, 'memory_mib': rss_mib() - before, 'disk_mib': dir_size_mib(workspace)}
+    annlite = indexer._index
+    docs = query_docs(queries)  # made up front: a request arrives as Documents
 
-    def bare_vectors(q):
+    def bare_vectors(q, i):
         return [int(d.id[1:]) for d in annlite.search_by_vectors(q[None], limit=LIMIT, include_metadata=False)[1][0]]
 
-    def bare_docs(q):
-        docs = DocumentArray([Document(embedding=q)])
-        annlite.search(docs, limit=LIMIT)
-        return [int(m.id[1:]) for m in docs[0].matches]
+    def bare_docs(q, i):
+        query = DocumentArray([Document(embedding=q)])
+        annlite.search(query, limit=LIMIT)
+        return [int(m.id[1:]) for m in query[0].matches]
 
-    rows = []
-    for name, search in (('annlite search_by_vectors (ids only)', bare_vectors), ('annlite search (documents)', bare_docs)):
-        results, seconds = timed_queries(search, queries)
-        rows.append(dict(search_stats(name, results, seconds, gt), build_s=build, memory_mib=memory))
-    docs = query_docs(queries)
-    results, seconds = timed_queries(lambda d: executor_search(indexer, d), docs)
-    rows.append(
-        dict(search_stats('ours: AnnLiteIndexer.search', results, seconds, gt), build_s=build, memory_mib=memory, disk_mib=dir_size_mib(workspace))
-    )
-    if profile_path:
-        write_profile(lambda: [executor_search(indexer, d) for d in query_docs(queries[:300])], profile_path)
-    indexer.close()
-    return rows
+    searches = {
+        'annlite search_by_vectors (ids only)': bare_vectors,
+        'annlite search (documents)': bare_docs,
+        'ours: AnnLiteIndexer.search': lambda q, i: executor_search(indexer, docs[i]),
+    }
+    return build, searches
 
 
 def write_profile(work, path: str) -> None:
@@ -157,6 +154,8 @@ def run_scaling(task: dict) -> list[dict]:
     queries = clustered_vectors(task['n_queries'], task['clusters'], seed=2)
     corpus = clustered_vectors(sizes[-1], task['clusters'], seed=task.get('seed', 3))
     workspace = Path(tempfile.mkdtemp(prefix='bench-scaling-'))
+    import executors.annlite_indexer  # noqa: F401  (imported before the baseline: memory is the index's)
+
     baseline = rss_mib()  # after the corpus exists: what follows is the index's own memory
     indexer = new_indexer(workspace, corpus.shape[1])
     docs = query_docs(queries)
@@ -186,18 +185,37 @@ def run_scaling(task: dict) -> list[dict]:
     return rows
 
 
+def serve(task: dict) -> None:
+    """Build one library's index, print ``ready``, then answer stdin commands with JSON lines.
+
+    ``search NAME`` times every query through the named search; ``profile PATH`` profiles ours.
+    Two of these (hnswlib's and annlite's) are driven turn by turn, so both see the same load.
+    """
+    data = Path(task['data'])
+    corpus, queries, gt = np.load(data / 'corpus.npy'), np.load(data / 'queries.npy'), np.load(data / 'gt.npy')
+    build, searches = build_hnswlib(corpus) if task['lib'] == 'hnswlib' else build_annlite(corpus, queries)
+    print('ready ' + json.dumps({'build': build, 'searches': list(searches)}), flush=True)
+    for line in sys.stdin:
+        command, arg = line.rstrip('\n').split(' ', 1)
+        if command == 'profile':
+            ours = searches['ours: AnnLiteIndexer.search']
+            write_profile(lambda: [ours(q, i) for i, q in enumerate(queries[:300])], arg)
+            print(json.dumps({'saved': arg}), flush=True)
+            continue
+        search = searches[arg]
+        results, seconds = timed_queries(lambda i: search(queries[i], i), range(len(queries)))
+        print(json.dumps(search_stats(arg, results, seconds, gt)), flush=True)
+
+
 def run(task: dict) -> list[dict]:
     if task['lib'] == 'scaling':
         return run_scaling(task)
     data = Path(task['data'])
-    corpus, queries = np.load(data / 'corpus.npy'), np.load(data / 'queries.npy')
-    if task['lib'] == 'faiss':
-        return run_faiss(corpus, queries, data)
-    gt = np.load(data / 'gt.npy')
-    if task['lib'] == 'hnswlib':
-        return run_hnswlib(corpus, queries, gt)
-    return run_annlite(corpus, queries, gt, task.get('profile'))
+    return run_faiss(np.load(data / 'corpus.npy'), np.load(data / 'queries.npy'), data)
 
 
 if __name__ == '__main__':
-    worker_main(run)
+    if json.loads(sys.argv[1]).get('serve'):
+        serve(json.loads(sys.argv[1]))
+    else:
+        worker_main(run)

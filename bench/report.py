@@ -53,7 +53,9 @@ def markdown(results: dict) -> str:
         '',
         f'HNSW everywhere with M={hnsw["M"]}, ef_construction={hnsw["ef_construction"]}, ef_search={hnsw["ef_search"]}; '
         'one query per call from one thread (as a shard serves a request); recall@10 against faiss flat. '
-        'The annlite rows are the same index as ours, called below our executor.',
+        'The annlite rows are the same index as ours, called below our executor. hnswlib and annlite run in '
+        f'processes of their own, searched turn by turn ({size["search_rounds"]} rounds, medians shown; the '
+        'summary ratio is the median of the paired rounds).',
         '',
         '| index | build s | QPS | p50 ms | p99 ms | recall@10 | memory MiB |',
         '|---|---:|---:|---:|---:|---:|---:|',
@@ -63,6 +65,10 @@ def markdown(results: dict) -> str:
             f'| {row["name"]} | {row["build_s"]:.1f} | {row["qps"]:.0f} | {row["p50_ms"]:.2f} | {row["p99_ms"]:.2f} | '
             f'{row["recall_at_10"]:.3f} | {row["memory_mib"]:.0f} |'
         )
+    lines += [
+        '',
+        '[profile of our search path](profile_search.txt) (pyinstrument, 300 queries).',
+    ]
     lines += [
         '',
         f'## End to end: the service over gRPC, {size["vectors"]:,} documents with embeddings',

@@ -46,13 +46,13 @@ from common import HNSW, clustered_vectors, median  # noqa: E402
 CLIP_SERVER_PACKAGES = ['clip-server==0.8.3', 'open_clip_torch==2.8.2', 'pillow-avif-plugin==1.6.0']
 
 SIZES = {
-    'full': {'vectors': 100_000, 'queries': 1000, 'texts': 512, 'images': 128, 'rounds': 3,
+    'full': {'vectors': 100_000, 'queries': 1000, 'search_rounds': 5, 'texts': 512, 'images': 128, 'rounds': 3,
              'shards': [1, 2, 5], 'flow_queries': 500, 'scaling': [10_000, 30_000, 100_000, 300_000, 1_000_000],
              'scaling_queries': 300, 'scaling_budget_s': 3 * 3600},
-    'quick': {'vectors': 20_000, 'queries': 500, 'texts': 256, 'images': 48, 'rounds': 3,
+    'quick': {'vectors': 20_000, 'queries': 500, 'search_rounds': 5, 'texts': 256, 'images': 48, 'rounds': 3,
               'shards': [1, 2, 5], 'flow_queries': 200, 'scaling': [10_000, 20_000, 50_000],
               'scaling_queries': 200, 'scaling_budget_s': 90},
-    'tiny': {'vectors': 2_000, 'queries': 100, 'texts': 16, 'images': 4, 'rounds': 1,
+    'tiny': {'vectors': 2_000, 'queries': 100, 'search_rounds': 2, 'texts': 16, 'images': 4, 'rounds': 1,
              'shards': [1, 2], 'flow_queries': 30, 'scaling': [1_000, 2_000],
              'scaling_queries': 30, 'scaling_budget_s': 30},
 }  # fmt: skip
@@ -91,18 +91,19 @@ def ensure_clip_server(cache: Path) -> Path:
     return site
 
 
-class EncoderWorker:
-    """A long-lived bench/encode.py process, asked for one measurement at a time."""
+class Worker:
+    """A long-lived worker process (bench/encode.py, bench/ann.py serve), asked one measurement at a time."""
 
-    def __init__(self, task: dict, env: dict):
+    def __init__(self, script: str, task: dict, env: dict):
         self.process = subprocess.Popen(
-            [sys.executable, str(BENCH / 'encode.py'), json.dumps(task)],
+            [sys.executable, str(BENCH / script), json.dumps(task)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
         )  # fmt: skip
         for line in self.process.stdout:
-            if line.strip() == 'ready':
+            if line.startswith('ready'):
+                self.ready = json.loads(line[len('ready'):].strip() or '{}')
                 return
-        raise RuntimeError(f'{task["impl"]} encoder exited with {self.process.wait()} before it was ready')
+        raise RuntimeError(f'{script} {task} exited with {self.process.wait()} before it was ready')
 
     def ask(self, command: str) -> dict:
         self.process.stdin.write(command + '\n')
@@ -110,7 +111,7 @@ class EncoderWorker:
         for line in self.process.stdout:
             if line.startswith('{'):
                 return json.loads(line)
-        raise RuntimeError(f'encoder worker exited with {self.process.wait()}')
+        raise RuntimeError(f'worker exited with {self.process.wait()} on {command!r}')
 
     def close(self) -> None:
         self.process.stdin.close()
@@ -121,8 +122,8 @@ def bench_encode(size: dict, cache: Path, threads: int) -> dict:
     """Ours vs clip_server's CLIPEncoder, turn by turn on the same inputs; docs/s and paired ratios."""
     task = {'model_dir': str(cache / 'vit-b-32-random'), 'minibatch': 32, 'threads': threads,
             'n_texts': size['texts'], 'n_images': size['images']}  # fmt: skip
-    ours = EncoderWorker(dict(task, impl='ours'), worker_env())  # writes the weights on first use
-    theirs = EncoderWorker(dict(task, impl='clip_server'), worker_env(ensure_clip_server(cache)))
+    ours = Worker('encode.py', dict(task, impl='ours'), worker_env())  # writes the weights on first use
+    theirs = Worker('encode.py', dict(task, impl='clip_server'), worker_env(ensure_clip_server(cache)))
     try:
         agreement = embedding_agreement(ours, theirs)
         result = {'model': 'ViT-B-32 (open_clip config, random weights)', 'minibatch_size': 32,
@@ -145,7 +146,7 @@ def bench_encode(size: dict, cache: Path, threads: int) -> dict:
         theirs.close()
 
 
-def embedding_agreement(ours: EncoderWorker, theirs: EncoderWorker) -> float:
+def embedding_agreement(ours: Worker, theirs: Worker) -> float:
     """Lowest cosine between the two encoders' embeddings of the same inputs: ~1.0 proves one model."""
     with tempfile.TemporaryDirectory() as tmp:
         a = np.load(ours.ask(f'embed {tmp}/ours.npy')['saved'])
@@ -155,12 +156,32 @@ def embedding_agreement(ours: EncoderWorker, theirs: EncoderWorker) -> float:
 
 
 def bench_search(size: dict, data: Path, out: Path) -> list[dict]:
-    """faiss flat first (it writes the ground truth), then hnswlib and annlite, each in its own process."""
-    rows = []
-    for lib in ('faiss', 'hnswlib', 'annlite'):
-        task = {'lib': lib, 'data': str(data), 'profile': str(out / 'profile_search.txt')}
-        rows += run_worker('ann.py', task, worker_env())
-        log(f'search {lib}: ' + ', '.join(f'{r["name"]} {r["qps"]:.0f} qps recall {r["recall_at_10"]:.3f}' for r in rows[-3:]))
+    """faiss flat first (it writes the ground truth); then hnswlib and annlite, built in processes of
+    their own and searched turn by turn, round after round, so both see the same machine load."""
+    rows = run_worker('ann.py', {'lib': 'faiss', 'data': str(data)}, worker_env())
+    workers = [Worker('ann.py', {'lib': lib, 'data': str(data), 'serve': True}, worker_env()) for lib in ('hnswlib', 'annlite')]
+    try:
+        rounds: dict[str, list[dict]] = {}
+        for _ in range(size['search_rounds']):
+            for worker in workers:
+                for name in worker.ready['searches']:
+                    rounds.setdefault(name, []).append(worker.ask(f'search {name}'))
+        workers[1].ask(f'profile {out / "profile_search.txt"}')
+    finally:
+        for worker in workers:
+            worker.close()
+    builds = {name: worker.ready['build'] for worker in workers for name in worker.ready['searches']}
+    for name, stats in rounds.items():
+        rows.append({
+            'name': name,
+            'qps': median([s['qps'] for s in stats]),
+            'p50_ms': median([s['p50_ms'] for s in stats]),
+            'p99_ms': median([s['p99_ms'] for s in stats]),
+            'recall_at_10': stats[0]['recall_at_10'],
+            'qps_rounds': [s['qps'] for s in stats],
+            **builds[name],
+        })
+        log(f'search {name}: {rows[-1]["qps"]:.0f} qps, recall@10 {rows[-1]["recall_at_10"]:.3f}')
     return rows
 
 
@@ -204,13 +225,13 @@ def _version(name: str) -> str:
 
 
 def summary(results: dict) -> dict:
-    """The ratios of ours to theirs that the last line reports."""
+    """The ratios of ours to theirs that the last line reports (search: median of paired rounds)."""
     by_name = {row['name']: row for row in results['search']}
-    ours = by_name['ours: AnnLiteIndexer.search']
+    ours, hnswlib = by_name['ours: AnnLiteIndexer.search'], by_name['hnswlib']
     flow_one = next(row for row in results['flow'] if row['shards'] == 1)
     return {
         'encode_vs_clip_server': results['encode']['ratio'],
-        'search_qps_vs_hnswlib': ours['qps'] / by_name['hnswlib']['qps'],
+        'search_qps_vs_hnswlib': median([a / b for a, b in zip(ours['qps_rounds'], hnswlib['qps_rounds'])]),
         'recall@10': ours['recall_at_10'],
         'flow_overhead_p50_ms': flow_one['p50_ms'] - ours['p50_ms'],
     }

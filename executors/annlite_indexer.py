@@ -158,12 +158,11 @@ class AnnLiteIndexer(Executor):
             return docs
         if search_filter or self._index.n_cells != 1:
             self._index.search(docs, filter=search_filter, limit=limit)
+            for doc in docs:
+                for match in doc.matches:
+                    _finish_match(match, match.scores['cosine'].value)
         else:
             self._search_unfiltered(docs, limit)
-        for doc in docs:
-            for match in doc.matches:
-                _set_cosine_distance(match, match.scores['cosine'].value)
-                match.embedding = None  # nobody needs 512 floats per match over the wire
         return docs
 
     def _search_unfiltered(self, docs: DocumentArray, limit: int) -> None:
@@ -183,7 +182,7 @@ class AnnLiteIndexer(Executor):
             distance_of = dict(zip(ids, distances))
             matches = store.get([i for i in ids if i is not None])
             for match in matches:
-                match.scores['cosine'].value = float(distance_of[match.id])
+                _finish_match(match, distance_of[match.id])
             doc.matches = matches
 
     def _status(self) -> DocumentArray:
@@ -241,11 +240,14 @@ def _last_of_each_id(docs) -> DocumentArray:
     return DocumentArray(by_id.values())
 
 
-def _set_cosine_distance(match: Document, value: float) -> None:
+def _finish_match(match: Document, distance: float) -> None:
+    """Set the match's cosine distance and drop its embedding (nobody needs 512 floats per match over the wire)."""
     # op_name keeps the score message non-empty on the wire: an exact match's distance is 0.0,
     # proto3's default, and would otherwise travel as nothing at all
-    match.scores['cosine'].value = max(float(value), 0.0)
-    match.scores['cosine'].op_name = 'cosine'
+    score = match.scores['cosine']
+    score.value = max(float(distance), 0.0)
+    score.op_name = 'cosine'
+    match.embedding = None
 
 
 def _check_or_write_settings(data_path: Path, settings: dict) -> None:
