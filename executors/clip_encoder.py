@@ -4,10 +4,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
+import open_clip
 import torch
 from docarray import DocumentArray
 from docarray.score import NamedScore
 from jina import Executor, requests
+from open_clip.transformer import text_global_pool
 
 from clip_search.media import DEFAULT_URI_TIMEOUT, BadDocumentError, content_kind, load_image
 from clip_search.models import DEFAULT_MODEL, load_model, resolve_model
@@ -97,12 +99,37 @@ class CLIPEncoder(Executor):
         kinds = [content_kind(doc, empty_as_text) for doc in docs]  # raises on the first empty document
         texts = [doc for doc, kind in zip(docs, kinds) if kind == 'text']
         images = [doc for doc, kind in zip(docs, kinds) if kind == 'image']
-        for batch in _minibatches(texts, self.minibatch_size):
-            tokens = self._clip.tokenizer([doc.text or '' for doc in batch])  # truncates long texts
-            self._store(batch, self._forward(self._clip.model.encode_text, tokens))
+        if texts:
+            tokens = self._clip.tokenizer([doc.text or '' for doc in texts])  # truncates long texts
+            order = torch.argsort(_token_counts(tokens), descending=True).tolist()  # similar lengths share a batch
+            for positions in _minibatches(order, self.minibatch_size):
+                batch_tokens = tokens[positions]
+                self._store([texts[i] for i in positions], self._forward(self._encode_text, batch_tokens))
         for batch in _minibatches(images, self.minibatch_size):
             pixels = torch.stack(list(self._pool.map(self._preprocess, batch)))
             self._store(batch, self._forward(self._clip.model.encode_image, pixels))
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The model's ``encode_text``, on the batch's tokens only rather than the whole padded context.
+
+        CLIP pads every text to its context (77 tokens) but reads the embedding at the end-of-text
+        token, and its text transformer is causal: no position sees the padding after it. Cutting the
+        padding beyond the batch's longest text therefore changes no output, and a caption of 12
+        tokens costs a sixth of the compute. Models without that shape (other pooling, no causal
+        mask, a Hugging Face text tower) use their own ``encode_text``.
+        """
+        model = self._clip.model
+        if not _causal_argmax_text_tower(model):
+            return model.encode_text(tokens)
+        length = int(_token_counts(tokens).max())
+        tokens = tokens[:, :length]
+        cast_dtype = model.transformer.get_cast_dtype()
+        x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+        x = text_global_pool(x, tokens, 'argmax')
+        if isinstance(model.text_projection, torch.nn.Linear):
+            return model.text_projection(x)
+        return x @ model.text_projection
 
     def _preprocess(self, doc) -> torch.Tensor:
         return self._clip.preprocess(load_image(doc, timeout=self.uri_timeout))
@@ -140,6 +167,21 @@ def set_clip_scores(queries: DocumentArray, logit_scale: float) -> None:
             candidate.scores['clip_score_cosine'] = NamedScore(value=float(cosine), op_name='cosine')
         candidates.embeddings = None
         query.matches = sorted(candidates, key=lambda c: c.scores['clip_score'].value, reverse=True)
+
+
+def _token_counts(tokens: torch.Tensor) -> torch.Tensor:
+    """Tokens per text up to its end-of-text token, the highest id (where CLIP's argmax pooling reads)."""
+    return tokens.argmax(dim=1) + 1
+
+
+def _causal_argmax_text_tower(model) -> bool:
+    """Whether the model is open_clip's CLIP with a causal text transformer pooled at end-of-text."""
+    return (
+        isinstance(model, open_clip.CLIP)
+        and getattr(model, 'text_pool_type', None) == 'argmax'
+        and getattr(model, 'attn_mask', None) is not None
+        and getattr(model.transformer, 'batch_first', False)
+    )
 
 
 def _minibatches(items: list, size: int):

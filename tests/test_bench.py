@@ -1,0 +1,36 @@
+"""Smoke test of the benchmark script: it runs end to end at a tiny size and reports what it promises.
+
+Not a timed test: the numbers on a shared machine are whatever they are; this only keeps
+bench/run.py from rotting (every section runs, the files appear, the last line has its format).
+"""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LAST_LINE = re.compile(r'^encode_vs_clip_server=(\d+\.\d+) search_qps_vs_hnswlib=(\d+\.\d+) recall@10=(\d\.\d+)$')
+
+
+@pytest.mark.slow
+def test_quick_benchmark_at_tiny_size_writes_its_report(tmp_path):
+    run = subprocess.run(
+        [sys.executable, 'bench/run.py', '--quick', '--tiny', '--out', str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    last = run.stdout.strip().splitlines()[-1]
+    assert LAST_LINE.match(last), last
+    for name in ('results.md', 'results.json', 'overview.png', 'scaling.png', 'profile_search.txt'):
+        assert (tmp_path / name).stat().st_size > 0, name
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['encode']['min_cosine_ours_vs_clip_server'] > 0.999  # both encoders ran the same weights
+    ours = next(row for row in results['search'] if row['name'].startswith('ours'))
+    assert ours['recall_at_10'] >= 0.9
+    assert [row['shards'] for row in results['flow']] == [1, 2]
+    assert all(row['recall_at_10'] >= 0.9 for row in results['flow'])
+    assert '| ours: AnnLiteIndexer.search |' in (tmp_path / 'results.md').read_text()
