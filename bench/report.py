@@ -142,22 +142,22 @@ def plot_overview(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _two_series_over_size(axis, n: list, rows: list[dict], first: tuple, second: tuple, ylabel: str) -> None:
+    """Two measures of ``rows`` (key, label) against the collection size, on a log x axis."""
+    for (key, label), style in ((first, 'o-'), (second, 's--')):
+        axis.plot(n, [r[key] for r in rows], style, label=label)
+    axis.set_xscale('log')
+    axis.set_xlabel('vectors')
+    axis.set_ylabel(ylabel)
+    axis.legend()
+
+
 def plot_scaling(rows: list[dict], path: Path) -> None:
     """Search latency and memory of our indexer against the number of vectors (log scale)."""
     fig, (latency, memory) = plt.subplots(1, 2, figsize=(10, 4))
     n = [r['vectors'] for r in rows]
-    latency.plot(n, [r['p50_ms'] for r in rows], 'o-', label='p50')
-    latency.plot(n, [r['p99_ms'] for r in rows], 's--', label='p99')
-    latency.set_xscale('log')
-    latency.set_xlabel('vectors')
-    latency.set_ylabel('search latency, ms')
-    latency.legend()
-    memory.plot(n, [r['rss_mib'] for r in rows], 'o-', label='resident memory')
-    memory.plot(n, [r['disk_mib'] for r in rows], 's--', label='on disk')
-    memory.set_xscale('log')
-    memory.set_xlabel('vectors')
-    memory.set_ylabel('MiB')
-    memory.legend()
+    _two_series_over_size(latency, n, rows, ('p50_ms', 'p50'), ('p99_ms', 'p99'), 'search latency, ms')
+    _two_series_over_size(memory, n, rows, ('rss_mib', 'resident memory'), ('disk_mib', 'on disk'), 'MiB')
     fig.suptitle('Our indexer (one shard) as the collection grows')
     fig.tight_layout()
     fig.savefig(path, dpi=110)
