@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
+import os
 import sys
 import threading
 import time
@@ -328,8 +329,6 @@ _loop_lock = threading.Lock()
 def _client_loop() -> asyncio.AbstractEventLoop:
     """The event loop all requests of this process run on (started on first use, again after fork)."""
     global _loop, _loop_pid
-    import os
-
     with _loop_lock:
         if _loop is None or _loop_pid != os.getpid():
             _loop, _loop_pid = asyncio.new_event_loop(), os.getpid()
