@@ -51,15 +51,9 @@ class CLIPEncoder(Executor):
         self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix='preprocess')
         self.logger.info(f'loaded {name} ({self._clip.spec.embed_dim}-d) on {self.device}')
 
-    @requests(on='/encode')
+    @requests(on=['/encode', '/index', '/update', '/search'])
     def encode(self, docs: DocumentArray, **kwargs) -> DocumentArray:
-        """Attach an embedding to every document."""
-        self.embed(docs)
-        return docs
-
-    @requests(on=['/index', '/update', '/search'])
-    def encode_on_the_way(self, docs: DocumentArray, **kwargs) -> DocumentArray:
-        """Attach embeddings before the indexer sees the documents."""
+        """Attach an embedding to every document (on /index, /update, /search before the indexer sees them)."""
         self.embed(docs)
         return docs
 
