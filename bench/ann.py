@@ -74,7 +74,7 @@ def build_hnswlib(corpus: np.ndarray) -> tuple[dict, dict]:
 
 def new_indexer(workspace: Path, dim: int):
     """Our AnnLiteIndexer (one shard), as the Flow configures it but with common.HNSW."""
-    from executors.annlite_indexer import AnnLiteIndexer
+    from clip_search.executors.annlite_indexer import AnnLiteIndexer
 
     return AnnLiteIndexer(
         n_dim=dim,
@@ -110,7 +110,7 @@ def build_annlite(corpus: np.ndarray, queries: np.ndarray) -> tuple[dict, dict]:
     """Our indexer, and the bare annlite index under it (same graph, same data) called two ways."""
     from docarray import Document, DocumentArray
 
-    import executors.annlite_indexer  # noqa: F401  (imported before the baseline: memory is the index's)
+    import clip_search.executors.annlite_indexer  # noqa: F401  (imported before the baseline: memory is the index's)
 
     workspace = Path(tempfile.mkdtemp(prefix='bench-annlite-'))
     before = rss_mib()
@@ -154,7 +154,7 @@ def run_scaling(task: dict) -> list[dict]:
     queries = clustered_vectors(task['n_queries'], task['clusters'], seed=2)
     corpus = clustered_vectors(sizes[-1], task['clusters'], seed=task.get('seed', 3))
     workspace = Path(tempfile.mkdtemp(prefix='bench-scaling-'))
-    import executors.annlite_indexer  # noqa: F401  (imported before the baseline: memory is the index's)
+    import clip_search.executors.annlite_indexer  # noqa: F401  (imported before the baseline: memory is the index's)
 
     baseline = rss_mib()  # after the corpus exists: what follows is the index's own memory
     indexer = new_indexer(workspace, corpus.shape[1])

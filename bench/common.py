@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # workers are started as scripts: make clip_search/executors importable
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / 'tests'):  # workers run as scripts: clip_search, and the test kit (helpers)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 DIM = 512  # ViT-B-32's embedding size
 HNSW = {'M': 16, 'ef_construction': 200, 'ef_search': 400}  # the indexer's defaults, used by every HNSW

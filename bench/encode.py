@@ -71,7 +71,7 @@ def sample_images(n: int) -> list[bytes]:
 
 
 def load_ours(model_dir: Path, minibatch: int):
-    from executors.clip_encoder import CLIPEncoder
+    from clip_search.executors.clip_encoder import CLIPEncoder
 
     encoder = CLIPEncoder(name=str(model_dir), minibatch_size=minibatch)
     return encoder.encode

@@ -21,7 +21,7 @@ from common import LIMIT, median, percentile, recall_at_k, rss_mib, worker_main
 
 
 def run(task: dict) -> dict:
-    from clip_search.testing import TINY_MODEL_CFG, start_service, write_tiny_model
+    from helpers.service import TINY_MODEL_CFG, start_service, write_tiny_model
 
     data = Path(task['data'])
     corpus = np.load(data / 'corpus.npy')

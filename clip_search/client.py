@@ -20,7 +20,7 @@ from typing import Any, Coroutine, Iterable, Iterator, Optional, TypeVar, Union
 import numpy as np
 from docarray import Document, DocumentArray
 
-from clip_search.sharding import DEFAULT_LIMIT
+from clip_search.params import DEFAULT_LIMIT
 
 Input = Union[str, Document]
 Inputs = Union[Input, DocumentArray, Iterable[Input]]
@@ -315,11 +315,9 @@ def _longer_than(inputs: Inputs, batch_size: int) -> bool:
 
 
 # -- the client's event loop ---------------------------------------------------------------------
-# Written by hand because jina's synchronous client runs every request in a new event loop
-# (asyncio.run), and grpc.aio keeps state bound to loops: after a refused request on a loop that is
-# then closed, a later request in a fresh loop sometimes waits forever for its answer (reproduced
-# here: a /status after a refused /index hung about once in 20 tries, and in CI). Every Client in a
-# process therefore runs its requests on one long-lived loop in a daemon thread (800 tries, no hang).
+# Written by hand because jina's synchronous client runs each request in a new event loop, and grpc.aio
+# state bound to a closed loop can leave a later request waiting forever: every Client in a process
+# runs its requests as unary calls on one long-lived loop in a daemon thread.
 
 _loop: Optional[asyncio.AbstractEventLoop] = None
 _loop_pid: Optional[int] = None

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 from docarray import Document, DocumentArray
 
 from clip_search.client import Client
-from clip_search.shapes import draw_shape_image, write_demo_collection
+from clip_search.demo_model.shapes import draw_shape_image, write_demo_collection
 
 DEMO_TEXTS = [
     'a red circle',

@@ -31,7 +31,16 @@ from unittest import mock
 import yaml
 
 from clip_search import __version__
-from clip_search.cli import DEFAULT_FLOW, ENCODER_CLASS, INDEXER_CLASS, FlowConfigError, prepare_flow_config
+from clip_search.flowconfig import (
+    DEFAULT_FLOW,
+    ENCODER_CLASS,
+    INDEXER_CLASS,
+    FlowConfigError,
+    build_flow,
+    class_name,
+    find_executor,
+    prepare_flow_config,
+)
 from clip_search.models import ModelUnavailableError
 
 DEFAULT_IMAGE = f'clip-search:{__version__}'
@@ -92,9 +101,9 @@ def export_docker_compose(config: dict, output: str | Path, image: str = DEFAULT
     """Write the Flow as a docker-compose file; returns its path."""
     flow_config, classes = container_flow_config(config, image)
     with _offline_export(image), tempfile.TemporaryDirectory() as tmp:
-        _flow(flow_config).to_docker_compose_yaml(str(Path(tmp) / 'compose.yml'))
+        build_flow(flow_config).to_docker_compose_yaml(str(Path(tmp) / 'compose.yml'))
         compose = yaml.safe_load((Path(tmp) / 'compose.yml').read_text())
-    compose = finish_compose(compose, classes, _indexer(config))
+    compose = finish_compose(compose, classes, find_executor(config, INDEXER_CLASS))
     header = HEADER.format(
         target='docker-compose', args=command,
         usage=f'docker build -t {image} . && docker compose up -d   (README: Deployment)',
@@ -112,7 +121,7 @@ def export_kubernetes(
     flow_config, classes = container_flow_config(config, image)
     output = Path(output)
     with _offline_export(image), tempfile.TemporaryDirectory() as tmp:
-        _flow(flow_config).to_kubernetes_yaml(tmp, k8s_namespace=namespace)
+        build_flow(flow_config).to_kubernetes_yaml(tmp, k8s_namespace=namespace)
         manifests = {
             path.relative_to(tmp): list(yaml.safe_load_all(path.read_text())) for path in sorted(Path(tmp).rglob('*.yml'))
         }
@@ -121,7 +130,7 @@ def export_kubernetes(
         usage=f'kubectl create namespace {namespace} && kubectl apply -R -f <this folder>   (README: Deployment)',
     )  # fmt: skip
     for relative, documents in manifests.items():
-        documents = [finish_k8s_document(doc, classes, _indexer(config)) for doc in documents]
+        documents = [finish_k8s_document(doc, classes, find_executor(config, INDEXER_CLASS)) for doc in documents]
         path = output / relative
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(header + yaml.safe_dump_all(documents, sort_keys=False, width=120))
@@ -149,10 +158,10 @@ def container_flow_config(config: dict, image: str) -> tuple[dict, dict[str, str
         executor['disable_auto_volume'] = True
         shard_names = [f'{name}-{shard}' for shard in range(shards)] if shards > 1 else [name]
         for service in shard_names:
-            classes[to_compatible_name(service)] = _class_name(executor['uses'])
+            classes[to_compatible_name(service)] = class_name(executor['uses'])
         executor['uses'] = f'docker://{image}'
         if executor.get('uses_after'):
-            classes[to_compatible_name(f'{name}/uses-after')] = _class_name(executor['uses_after'])
+            classes[to_compatible_name(f'{name}/uses-after')] = class_name(executor['uses_after'])
             executor['uses_after'] = f'docker://{image}'
         if classes[to_compatible_name(shard_names[0])] == INDEXER_CLASS:
             executor['workspace'] = WORKSPACE_MOUNT
@@ -233,21 +242,21 @@ def _with_persistent_volume(doc: dict, mount: str) -> dict:
     return doc
 
 
-def _set_uses(args: list[str], class_name: Optional[str], indexer: dict) -> list[str]:
+def _set_uses(args: list[str], executor_class: Optional[str], indexer: dict) -> list[str]:
     """Name the executor class instead of Jina Hub's ``config.yml``; give the merger the indexer's settings."""
     args = list(args)
-    if class_name is None or '--uses' not in args:
+    if executor_class is None or '--uses' not in args:
         return args
-    args[args.index('--uses') + 1] = class_name
-    if class_name == _class_name(indexer.get('uses_after') or '') and '--uses-with' not in args:
+    args[args.index('--uses') + 1] = executor_class
+    if executor_class == class_name(indexer.get('uses_after') or '') and '--uses-with' not in args:
         # a local Flow hands uses_after the indexer's uses_with (its limit); Jina's export does not
         args[args.index('--native') : args.index('--native')] = ['--uses-with', json.dumps(indexer.get('uses_with') or {})]
     return args
 
 
-def _mount_of(class_name: Optional[str]) -> Optional[str]:
+def _mount_of(executor_class: Optional[str]) -> Optional[str]:
     """Where a service keeps data: a shard its index, the encoder downloaded weights; the rest nothing."""
-    return {INDEXER_CLASS: WORKSPACE_MOUNT, ENCODER_CLASS: MODELS_MOUNT}.get(class_name or '')
+    return {INDEXER_CLASS: WORKSPACE_MOUNT, ENCODER_CLASS: MODELS_MOUNT}.get(executor_class or '')
 
 
 def _drop_option(args: list[str], option: str) -> list[str]:
@@ -255,20 +264,6 @@ def _drop_option(args: list[str], option: str) -> list[str]:
     while option in args:
         del args[args.index(option) : args.index(option) + 2]
     return args
-
-
-def _class_name(uses: str) -> str:
-    return str(uses).split('.')[-1]
-
-
-def _indexer(config: dict) -> dict:
-    return next(e for e in config['executors'] if _class_name(e.get('uses', '')) == INDEXER_CLASS)
-
-
-def _flow(config: dict):
-    from jina import Flow
-
-    return Flow.load_config({'jtype': config.get('jtype', 'Flow'), **config})
 
 
 @contextmanager

@@ -101,16 +101,26 @@ def _refuse_non_image(doc, mime: str | None) -> None:
 
 
 def _read_data_uri(doc) -> bytes:
-    header, sep, payload = doc.uri.partition(',')
+    try:
+        return decode_data_uri(doc.uri)
+    except ValueError as exc:
+        raise BadDocumentError(doc.id, str(exc)) from None
+
+
+def decode_data_uri(uri: str) -> bytes:
+    """The bytes of an image ``data:`` URI (base64 or percent-encoded); ValueError says what is wrong."""
+    header, sep, payload = uri.partition(',')
     if not sep:
-        raise BadDocumentError(doc.id, 'data uri has no comma-separated payload')
-    _refuse_non_image(doc, header[5:].split(';')[0])
+        raise ValueError('data uri has no comma-separated payload')
+    mime = header[5:].split(';')[0]
+    if mime and not mime.startswith('image/'):
+        raise ValueError(f'mime type {mime!r} is not supported (only images and text)')
     try:
         if header.endswith(';base64'):
             return base64.b64decode(payload, validate=True)
         return urllib.parse.unquote_to_bytes(payload)
     except ValueError as exc:
-        raise BadDocumentError(doc.id, f'data uri payload is not valid base64 ({exc})') from None
+        raise ValueError(f'data uri payload is not valid base64 ({exc})') from None
 
 
 def _read_http(doc, timeout: float) -> bytes:

@@ -1,14 +1,13 @@
-"""What the indexer shards and the merger after them agree on: placement, limits, status format."""
+"""What the indexer shards and the merger after them agree on: placement and the shard protocol
+(status format, in-band shard markers)."""
 
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from docarray import Document
 
-DEFAULT_LIMIT = 10
-MAX_LIMIT = 10_000
 STATUS_ID = 'status'
 
 
@@ -16,53 +15,6 @@ def owner_shard(doc_id: str, shards: int) -> int:
     """The shard that stores ``doc_id``: a stable hash, the same in every process and run."""
     digest = hashlib.blake2b(doc_id.encode('utf-8'), digest_size=8).digest()
     return int.from_bytes(digest, 'big') % shards
-
-
-def validate_search_parameters(
-    parameters: dict, default_limit: int, columns: Iterable[str]
-) -> tuple[int, Optional[dict]]:
-    """Return ``(limit, filter)`` from request parameters, or raise naming the bad parameter."""
-    limit = parameters.get('limit')
-    if limit is None:
-        limit = default_limit
-    if isinstance(limit, float) and limit.is_integer():
-        limit = int(limit)  # JSON and protobuf Struct carry every number as a float
-    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
-        raise ValueError(f'parameter limit={limit!r} must be an integer from 1 to {MAX_LIMIT}')
-    search_filter = parameters.get('filter') or None
-    if search_filter is not None:
-        _validate_filter(search_filter, set(columns))
-    return limit, search_filter
-
-
-def _validate_filter(search_filter: Any, columns: set[str]) -> None:
-    """Check a filter before annlite turns it into SQL (an unknown column once broke later queries)."""
-    from annlite.filter import Filter
-
-    if not isinstance(search_filter, dict):
-        raise ValueError(f'parameter filter={search_filter!r} must be a dict like {{"color": {{"$eq": "red"}}}}')
-    unknown = sorted(_filter_fields(search_filter) - columns)
-    if unknown:
-        known = ', '.join(sorted(columns)) or 'none; set the indexer columns'
-        raise ValueError(f'parameter filter names unknown columns {unknown} (filterable columns: {known})')
-    try:
-        Filter(search_filter).parse_where_clause()
-    except Exception as exc:
-        raise ValueError(f'parameter filter={search_filter!r} is malformed: {exc}') from None
-
-
-def _filter_fields(node: Any) -> set[str]:
-    fields: set[str] = set()
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key.startswith('$'):  # an operator: its operands may name more columns
-                fields |= _filter_fields(value)
-            else:
-                fields.add(key)
-    elif isinstance(node, list):
-        for item in node:
-            fields |= _filter_fields(item)
-    return fields
 
 
 def shard_status(shard_id: int, documents: int, settings: dict) -> Document:

@@ -1,7 +1,8 @@
-"""The Flow's executors, one concern each: encode, index one shard, merge the shards' answers."""
+"""The Flow's executors, one concern each, installed as ``clip_search.executors``.
 
-from executors.annlite_indexer import AnnLiteIndexer
-from executors.clip_encoder import CLIPEncoder
-from executors.shard_merger import ShardMerger
+Import each one by its module (``clip_search.executors.annlite_indexer``): importing one executor
+imports nothing of another, so an indexer shard never loads torch.
+"""
 
-__all__ = ['CLIPEncoder', 'AnnLiteIndexer', 'ShardMerger']
+if __name__ == 'executors':  # the repository folder itself, imported from a checkout's root
+    raise ImportError('the executors install as clip_search.executors: import clip_search.executors.<module>')

@@ -4,9 +4,7 @@ Unlike annlite's bundled executor, every write is applied before the request ret
 background buffer): an acknowledged document is searchable at once and survives a crash, because
 annlite writes its document store with ``sync=True`` and rebuilds the HNSW graph from it on start.
 
-Placement: ``/index`` reaches every shard and each shard keeps the documents whose id hashes to
-it (see :func:`clip_search.sharding.owner_shard`). Every id therefore lives on exactly one shard
-whatever the shard count, and indexing an id that is already indexed replaces it (an upsert).
+Placement (docs/design.md): each shard keeps the ids that hash to it (``owner_shard``).
 """
 
 import json
@@ -17,13 +15,8 @@ import numpy as np
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
-from clip_search.sharding import (
-    DEFAULT_LIMIT,
-    owner_shard,
-    shard_marker,
-    shard_status,
-    validate_search_parameters,
-)
+from clip_search.params import DEFAULT_LIMIT, validate_search_parameters
+from clip_search.sharding import owner_shard, shard_marker, shard_status
 
 SETTINGS_FILE = 'clip_search_index.json'
 
@@ -48,7 +41,8 @@ class AnnLiteIndexer(Executor):
         :param limit: matches per query when the request does not say
         :param columns: tag columns to filter on, e.g. ``[['color', 'str'], ['price', 'float']]``
         :param ef_construction: HNSW build-time beam width
-        :param ef_search: HNSW query-time beam width (raised to ``limit`` when smaller)
+        :param ef_search: HNSW query-time beam width (raised to ``limit`` when smaller); 400 gives
+            recall@10 0.99 on 20k random vectors where 100 gives 0.85 (bench/)
         :param max_connection: HNSW graph degree
         """
         super().__init__(*args, **kwargs)

@@ -9,7 +9,8 @@ from typing import Iterable, List, Optional
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
-from clip_search.sharding import DEFAULT_LIMIT, merge_status, split_shard_answers
+from clip_search.params import DEFAULT_LIMIT
+from clip_search.sharding import merge_status, split_shard_answers
 
 
 class ShardMerger(Executor):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clip_search.testing import start_service, write_tiny_model
+from helpers.service import start_service, write_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOW_FILE = ROOT / 'flows' / 'search_flow.yml'

@@ -9,7 +9,7 @@ import time
 import pytest
 import yaml
 
-from clip_search.cli import FlowConfigError, load_flow_config, prepare_flow_config
+from clip_search.flowconfig import FlowConfigError, load_flow_config, prepare_flow_config
 from clip_search.models import ModelUnavailableError, ensure_weights, resolve_model
 from conftest import FLOW_FILE, ROOT
 

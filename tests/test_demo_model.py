@@ -12,8 +12,8 @@ from docarray import Document
 from PIL import Image
 
 from clip_search.models import resolve_model
-from clip_search.shapes import CLASSES, class_caption, make_samples
-from clip_search.testing import start_service
+from clip_search.demo_model.shapes import CLASSES, class_caption, make_samples
+from helpers.service import start_service
 from conftest import FLOW_FILE
 
 PER_CLASS = 5

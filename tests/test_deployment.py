@@ -19,7 +19,7 @@ from docarray import Document
 
 from clip_search import Client
 from clip_search.cli import main
-from clip_search.testing import ComposeProcesses
+from helpers.service import ComposeProcesses
 from conftest import ROOT
 
 COMPOSE_FILE = ROOT / 'docker-compose.yml'
@@ -67,7 +67,9 @@ def test_the_compose_flow_keeps_placement_merging_and_the_public_port_of_the_ser
     head = services['indexer-head']['command']
     assert json.loads(option(head, '--polling'))['/index'] == 'ALL' and option(head, '--retries') == '0'
     (merger,) = services_running(compose, 'ShardMerger').values()
-    assert json.loads(option(merger['command'], '--uses-with'))['limit'] == 10  # the indexer's, as in a local Flow
+    shard = next(iter(services_running(compose, 'AnnLiteIndexer').values()))
+    # the indexer's settings (a limit set there is the merger's too), as in a local Flow
+    assert json.loads(option(merger['command'], '--uses-with')) == json.loads(option(shard['command'], '--uses-with'))
     assert option(head, '--uses-after-address') == 'indexer-uses-after:8081'
     (encoder,) = services_running(compose, 'CLIPEncoder').values()
     assert json.loads(option(encoder['command'], '--uses-with'))['name'] == 'ViT-B-32::openai'
@@ -154,7 +156,14 @@ def test_the_dockerfile_build_stage_has_everything_the_package_build_needs(tmp_p
     )
     wheel = zipfile.ZipFile(next((tmp_path / 'wheel').glob('*.whl')))
     names = set(wheel.namelist())
-    assert {'clip_search/flows/search_flow.yml', 'executors/clip_encoder.py', 'clip_search/models/mini_shapes/open_clip_config.json'} <= names
+    assert {
+        'clip_search/flows/search_flow.yml',
+        'clip_search/executors/clip_encoder.py',
+        'clip_search/demo_model/open_clip_config.json',
+        'clip_search/demo_model/open_clip_model.safetensors',
+    } <= names
+    assert not [name for name in names if name.startswith('executors/')]  # no top-level package to collide with
+    assert not [name for name in names if 'testing' in name or 'browser' in name or 'screenshot' in name]
 
 
 @pytest.mark.slow

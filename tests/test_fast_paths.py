@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from docarray import Document, DocumentArray
 
-from executors.annlite_indexer import AnnLiteIndexer
-from executors.clip_encoder import CLIPEncoder
+from clip_search.executors.annlite_indexer import AnnLiteIndexer
+from clip_search.executors.clip_encoder import CLIPEncoder
 
 
 def test_text_embeddings_equal_open_clips_encode_text_for_any_mix_of_lengths(tiny_model):

@@ -6,7 +6,7 @@ import pytest
 from docarray import Document, DocumentArray
 
 from clip_search.sharding import ShardError, shard_marker, split_shard_answers
-from executors.shard_merger import ShardMerger
+from clip_search.executors.shard_merger import ShardMerger
 
 
 def answer(shard: int, matches: list[tuple[str, float]], query_id: str = 'q') -> DocumentArray:

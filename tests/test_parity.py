@@ -17,8 +17,8 @@ import pytest
 from docarray import Document, DocumentArray
 
 from clip_search import Client
-from clip_search.shapes import draw_shape_image
-from clip_search.testing import start_service
+from clip_search.demo_model.shapes import draw_shape_image
+from helpers.service import start_service
 
 SHAPES = [('red', 'circle'), ('blue', 'square'), ('green', 'triangle'), ('yellow', 'star')]
 

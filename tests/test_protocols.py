@@ -11,7 +11,7 @@ import pytest
 from docarray import Document
 
 from clip_search import Client, RequestError
-from clip_search.testing import start_service
+from helpers.service import start_service
 from conftest import FLOW_FILE, ROOT
 
 TEXTS = [f'sentence number {i} about {topic}' for i, topic in enumerate(['cats', 'the sea', 'trains', 'bread', 'rain', 'maps'] * 2)]

@@ -12,7 +12,7 @@ import pytest
 from docarray import Document
 
 from clip_search import RequestError
-from clip_search.testing import start_service
+from helpers.service import start_service
 from conftest import FLOW_FILE, png_bytes
 
 

@@ -9,7 +9,7 @@ import pytest
 from docarray import Document, DocumentArray
 
 from clip_search import RequestError
-from clip_search.testing import start_service
+from helpers.service import start_service
 from conftest import FLOW_FILE, png_bytes
 
 WORDS = 'red green blue small large happy sad river mountain city cat dog apple music night'.split()

@@ -71,7 +71,7 @@ def test_executors_listen_on_loopback_even_when_the_gateway_is_public(service_fa
 
 
 def test_tls_needs_both_files(tmp_path):
-    from clip_search.cli import FlowConfigError, load_flow_config
+    from clip_search.flowconfig import FlowConfigError, load_flow_config
     from conftest import FLOW_FILE
 
     with pytest.raises(FlowConfigError, match='both --tls-cert and --tls-key'):

@@ -19,8 +19,8 @@ from PIL import Image
 
 from clip_search.cli import main
 from clip_search.demo import DEMO_TEXTS
-from clip_search.shapes import draw_shape_image
-from clip_search.testing import free_port, start_service
+from clip_search.demo_model.shapes import draw_shape_image
+from helpers.service import free_port, start_service
 from clip_search.web.app import parse_filter
 from conftest import FLOW_FILE
 
@@ -33,7 +33,7 @@ TEXT_WITH_A_PATH = Document(id='text:with a path', text='a green star', uri='/et
 @pytest.fixture(scope='module')
 def web(tmp_path_factory):
     """A running service with the web page, the demo shapes and texts indexed; yields the page's URL."""
-    from clip_search.web.browser import index_demo_shapes
+    from helpers.browser import index_demo_shapes
 
     tmp = tmp_path_factory.mktemp('web')
     port = free_port()
@@ -201,7 +201,7 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         pytest.skip('CLIP_SEARCH_SKIP_BROWSER=1')
     from selenium.webdriver.common.by import By
 
-    from clip_search.web.browser import after_search, headless_chromium, search_on_page
+    from helpers.browser import after_search, headless_chromium, search_on_page
 
     url, _ = web
     with headless_chromium() as browser:  # raises, with the apt-get line, when chromium is missing

@@ -1,1 +1,1 @@
-"""The search page: a Starlette app beside the Flow (``--web-port``), its static files and browser helpers."""
+"""The search page: a Starlette app beside the Flow (``--web-port``) and its static files."""

@@ -8,8 +8,6 @@ the client's asyncio methods; thumbnails are made in a small thread pool (PIL wo
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import io
 import json
@@ -29,8 +27,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from clip_search.client import Client, RequestError
-from clip_search.media import BadDocumentError, load_image
-from clip_search.sharding import DEFAULT_LIMIT, MAX_LIMIT
+from clip_search.media import BadDocumentError, decode_data_uri, load_image
+from clip_search.params import DEFAULT_LIMIT, validate_limit
 
 STATIC_DIR = Path(__file__).resolve().parent / 'static'
 MAX_UPLOAD_BYTES = 16 * 2**20
@@ -146,16 +144,15 @@ def _typed(value: str) -> Any:
 
 
 def parse_limit(value: Any) -> int:
-    """The number of matches asked for: an integer from 1 to MAX_LIMIT (a numeric string is fine)."""
+    """The number of matches asked for: an integer from 1 to MAX_LIMIT (a form sends a numeric string)."""
     if value is None or value == '':
         return DEFAULT_LIMIT
     if isinstance(value, str) and value.strip().lstrip('-').isdigit():
         value = int(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
-        raise BadRequest(f'limit={value!r} must be an integer from 1 to {MAX_LIMIT}')
-    return value
+    try:
+        return validate_limit(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc).removeprefix('parameter ')) from None
 
 
 def image_query(data: bytes, source: str = 'image') -> Document:
@@ -274,13 +271,12 @@ async def _query_document(fields: dict) -> Document:
 
 
 def _decode_data_uri(uri: str) -> bytes:
-    header, comma, payload = uri.partition(',')
-    if not (uri.startswith('data:image/') and comma and header.endswith(';base64')):
+    if not uri.startswith('data:image/'):
         raise BadRequest('image must be a base64 data URI like data:image/png;base64,...')
     try:
-        return base64.b64decode(payload, validate=True)
-    except binascii.Error as exc:
-        raise BadRequest(f'image is not valid base64 ({exc})') from None
+        return decode_data_uri(uri)
+    except ValueError as exc:
+        raise BadRequest(f'image: {exc}') from None
 
 
 def _match_json(match: Document, is_image: bool) -> dict:

@@ -1,4 +1,4 @@
-"""``python -m clip_search.web.screenshot``: the README's picture of the search page, taken for real.
+"""``python -m tests.helpers.screenshot``: the README's picture of the search page, taken for real.
 
 Starts the service with ``mini::shapes`` and ``--web-port`` in a temporary directory, indexes the
 demo shapes and texts, types the query into the page in headless Chromium and saves a PNG.
@@ -11,8 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from clip_search.testing import free_port, start_service
-from clip_search.web.browser import headless_chromium, index_demo_shapes, search_on_page
+from .service import free_port, start_service
+from .browser import headless_chromium, index_demo_shapes, search_on_page
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[2] / 'docs' / 'web-search.png'
 
@@ -46,7 +46,7 @@ def _optimize_png(path: Path) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog='python -m clip_search.web.screenshot', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog='python -m tests.helpers.screenshot', description=__doc__.splitlines()[0])
     parser.add_argument('--output', type=Path, default=DEFAULT_OUTPUT, help='where to save the PNG (docs/web-search.png)')
     parser.add_argument('--query', default='a red circle', help='what to type into the page')
     args = parser.parse_args(argv)

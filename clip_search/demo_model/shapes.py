@@ -1,7 +1,7 @@
 """Synthetic captioned colour-shape images.
 
 Used to train and evaluate the tiny from-scratch CLIP model shipped in
-``clip_search/models/mini_shapes`` (no pretrained weights can be downloaded
+``clip_search/demo_model`` (no pretrained weights can be downloaded
 here), and to write a small demo image collection for the search service.
 
 Everything is deterministic given a seed and nothing runs at import time.

@@ -56,7 +56,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-FLOW_FILE = Path(__file__).resolve().parent.parent / 'flows' / 'search_flow.yml'
+FLOW_FILE = Path(__file__).resolve().parents[2] / 'flows' / 'search_flow.yml'  # the repository's copy
 
 
 class Service:

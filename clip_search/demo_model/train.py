@@ -1,14 +1,14 @@
 """Train the tiny from-scratch CLIP model ``mini_shapes`` on synthetic colour-shape images.
 
 No pretrained weights are available offline, so the search service ships a small open_clip
-model trained here in a few minutes on CPU, from ``clip_search.shapes`` images. The result is
+model trained here in a few minutes on CPU, from ``clip_search.demo_model.shapes`` images. The result is
 written in open_clip's hub layout (``open_clip_config.json`` + fp16
 ``open_clip_model.safetensors``) so it loads with
 ``open_clip.create_model_and_transforms('local-dir:<out>')``.
 
 Usage::
 
-    python -m clip_search.train_mini --out clip_search/models/mini_shapes [--steps N] [--seed S]
+    python -m clip_search.demo_model.train --out clip_search/demo_model [--steps N] [--seed S]
 
 Evaluation (printed and written to MODEL_CARD.md) uses the held-out test split of
 ``shapes.make_samples`` and images from a second, independent numpy renderer defined below.
@@ -33,7 +33,7 @@ from PIL import Image, ImageFilter
 import open_clip
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
-from clip_search import shapes
+from clip_search.demo_model import shapes
 
 IMAGE_SIZE = 48
 CONTEXT_LENGTH = 16
@@ -326,8 +326,8 @@ Load it with open_clip 3.3 (hub layout, `local-dir:` schema):
 
 ```python
 import open_clip
-model, _, preprocess = open_clip.create_model_and_transforms('local-dir:clip_search/models/mini_shapes')
-tokenizer = open_clip.get_tokenizer('local-dir:clip_search/models/mini_shapes')
+model, _, preprocess = open_clip.create_model_and_transforms('local-dir:clip_search/demo_model')
+tokenizer = open_clip.get_tokenizer('local-dir:clip_search/demo_model')
 ```
 
 Files: `open_clip_config.json` (`model_cfg` + `preprocess_cfg`), `open_clip_model.safetensors`
@@ -336,7 +336,7 @@ Files: `open_clip_config.json` (`model_cfg` + `preprocess_cfg`), `open_clip_mode
 
 ## Training
 
-- Data: `clip_search/shapes.py` (`make_samples(n, 'train', seed)`): {m['pool']} pre-rendered
+- Data: `clip_search/demo_model/shapes.py` (`make_samples(n, 'train', seed)`): {m['pool']} pre-rendered
   96 px images (about 10% with two objects, captioned "a red circle and a blue square"), varied
   size / position / rotation / filled or outlined / anti-aliased or aliased, light and dark
   backgrounds (plain, noise, stripes, gradient) never close to the object colour, object shade
@@ -376,7 +376,7 @@ per class (240) must have that class (fraction of the 24); P@10 is the mean prec
 {row("held-out split of shapes.py (`make_samples(..., 'test')`)", h)}
 {row("second renderer (numpy masks, not shapes.py)", s)}
 
-The second renderer (`second_renderer_image` in `train_mini.py`) rasterises shapes with numpy
+The second renderer (`second_renderer_image` in `clip_search/demo_model/train.py`) rasterises shapes with numpy
 masks (distance-to-centre circles, rotated or axis-aligned squares, point-in-polygon triangles
 and stars, no anti-aliasing), small and large, on plain white / black / grey / beige
 backgrounds with different RGB shades (e.g. red = (220, 30, 40)), canvas 48-128 px.
@@ -494,7 +494,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     total = time.time() - t_start
     metrics = {"held_out": held, "second_renderer": sec, "steps": args.steps, "seed": args.seed,
                "pool": args.pool, "batch": args.batch, "proto_weight": args.proto_weight, "tower": args.tower, "lr": args.lr, "weight_decay": args.wd,
-               "command": " ".join(["python -m clip_search.train_mini", *(argv if argv is not None else sys.argv[1:])]),
+               "command": " ".join(["python -m clip_search.demo_model.train", *(argv if argv is not None else sys.argv[1:])]),
                "train_seconds": round(train_time),
                "total_seconds": round(total), "params": n_params}
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 BUNDLED_MODELS: dict[str, Path] = {
-    'mini::shapes': Path(__file__).parent / 'mini_shapes',
+    'mini::shapes': Path(__file__).parent / 'demo_model',
 }
 HUB_CONFIG = 'open_clip_config.json'
 HUB_WEIGHTS = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin')

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Optional
 from docarray import Document
 
 from clip_search.demo import DEMO_TEXTS
-from clip_search.shapes import write_demo_collection
+from clip_search.demo_model.shapes import write_demo_collection
 
 CHROMIUM_FLAGS = (
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
@@ -105,7 +105,7 @@ def index_demo_shapes(client, image_dir: str | Path, texts: Optional[list[str]] 
 
 
 def _shape_tags(words: list[str]) -> dict:
-    from clip_search.shapes import COLORS, SHAPES
+    from clip_search.demo_model.shapes import COLORS, SHAPES
 
     tags = {}
     for word in words:
