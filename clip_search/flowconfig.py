@@ -16,6 +16,9 @@ from clip_search.models import ensure_weights, resolve_model
 DEFAULT_FLOW = 'search_flow.yml'
 ENCODER_CLASS = 'CLIPEncoder'
 INDEXER_CLASS = 'AnnLiteIndexer'
+GATEWAY_MODULE = 'clip_search.gateway'  # Jina's gateway with an all-or-nothing /update, one class per protocol
+GATEWAY_CLASSES = {'grpc': 'CheckedGRPCGateway', 'http': 'CheckedHTTPGateway', 'websocket': 'CheckedWebSocketGateway'}
+SHARDED_ENDPOINTS = ('/search', '/update', '/delete', '/status')  # must reach every shard
 
 
 class FlowConfigError(ValueError):
@@ -82,7 +85,55 @@ def load_flow_config(
         indexer['shards'] = shards
     if workspace is not None:
         indexer['workspace'] = workspace
+    set_placement(indexer, flow_file)
+    use_checked_gateway(config)
     return config
+
+
+def set_placement(indexer: dict, flow_file='the Flow') -> None:
+    """Tell the indexer (and so its merger) how /index is polled: that decides placement.
+
+    The other endpoints must reach every shard, or a search would see one shard's documents.
+    """
+    polling = indexer_polling(indexer)
+    if int(indexer.get('shards') or 1) > 1:
+        for endpoint in SHARDED_ENDPOINTS:
+            if polling(endpoint) != 'ALL':
+                raise FlowConfigError(
+                    f'{flow_file}: the indexer polls {endpoint} {polling(endpoint)}: it must be ALL, '
+                    f'so that every shard answers (only /index may be ANY)'
+                )
+    index_polling = polling('/index')
+    indexer_with = _section(indexer, 'uses_with')
+    declared = indexer_with.get('index_polling')
+    if declared is not None and str(declared).upper() != index_polling:
+        raise FlowConfigError(
+            f'{flow_file}: the indexer sets index_polling={declared}, but polls /index {index_polling}: '
+            f'remove index_polling from uses_with (it follows the polling)'
+        )
+    indexer_with['index_polling'] = index_polling
+
+
+def indexer_polling(indexer: dict):
+    """The indexer's polling as a function of the endpoint, as Jina reads ``polling`` (a word or a map; ANY by default)."""
+    polling = indexer.get('polling') or 'ANY'
+    if isinstance(polling, dict):
+        by_endpoint = {str(endpoint): str(mode).upper() for endpoint, mode in polling.items()}
+        default = by_endpoint.get('*', 'ANY')
+        return lambda endpoint: by_endpoint.get(endpoint, default)
+    return lambda endpoint: str(polling).upper()
+
+
+def use_checked_gateway(config: dict) -> None:
+    """Serve through clip-search's gateway (clip_search/gateway.py) unless the YAML names a gateway of its own."""
+    gateway = _section(config, 'gateway')
+    protocol = str((config.get('with') or {}).get('protocol', 'grpc')).lower()
+    if gateway.get('uses') or protocol not in GATEWAY_CLASSES:
+        return
+    indexer = find_executor(config, INDEXER_CLASS)
+    gateway['uses'] = GATEWAY_CLASSES[protocol]
+    gateway['py_modules'] = [*(gateway.get('py_modules') or []), GATEWAY_MODULE]
+    _section(gateway, 'uses_with')['indexer'] = indexer.setdefault('name', 'indexer')
 
 
 def set_index_dimension(config: dict, embed_dim: int, model_name: str) -> None:

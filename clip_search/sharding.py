@@ -76,3 +76,52 @@ def split_shard_answers(docs_matrix, expected_shards: Optional[int] = None) -> l
         missing = sorted(set(range(expected_shards)) - answered)
         raise ShardError(f'shards {missing} of {expected_shards} did not answer (down or restarting); retry later')
     return answers
+
+
+# Placement follows the indexer's polling of /index (docs/design.md#placement); the CLI copies it
+# into the indexer's uses_with, and so the merger's. Jina polls a sharded executor ANY by default.
+ANY, ALL = 'ANY', 'ALL'
+DEFAULT_INDEX_POLLING = ANY
+
+
+def check_index_polling(index_polling: str) -> str:
+    """``ANY`` or ``ALL``, whatever the case it is written in; anything else is refused by name."""
+    polling = str(index_polling).upper()
+    if polling not in (ANY, ALL):
+        raise ValueError(f'index_polling={index_polling!r}: expected ANY or ALL (the polling of /index)')
+    return polling
+
+
+def answering_shards(endpoint: str, index_polling: str, shards: int) -> int:
+    """How many shards answer a request: one for an /index polled ANY, every shard otherwise."""
+    return 1 if endpoint == '/index' and index_polling == ANY else shards
+
+
+# /update is all-or-nothing across shards: the gateway first sends the ids alone with this parameter
+# (the check pass), each shard says which it holds, the merger refuses the request if any id is held
+# nowhere; only then does the gateway send the update itself (the apply pass). clip_search/gateway.py
+UPDATE_CHECK = 'clip_search_update_check'
+
+
+def is_update_check(parameters: Optional[dict]) -> bool:
+    return bool((parameters or {}).get(UPDATE_CHECK))
+
+
+def held_answer(doc_ids: Iterable[str], held: set) -> list:
+    """A shard's answer to the check pass: every id, tagged with whether this shard holds it."""
+    return [Document(id=doc_id, tags={'held': doc_id in held}) for doc_id in doc_ids]
+
+
+def refuse_unheld(answers: Iterable) -> list:
+    """The merger's half of the check pass: the ids in request order; raise if one is held by no shard."""
+    held: dict[str, bool] = {}
+    for answer in answers:
+        for doc in answer:
+            held[doc.id] = held.get(doc.id, False) or bool(doc.tags.get('held'))
+    missing = [doc_id for doc_id, is_held in held.items() if not is_held]
+    if missing:
+        raise ValueError(
+            f'cannot update documents that are not indexed: {missing[:10]} (use /index); '
+            f'nothing was updated'
+        )
+    return list(held)

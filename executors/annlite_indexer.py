@@ -4,10 +4,12 @@ Unlike annlite's bundled executor, every write is applied before the request ret
 background buffer): an acknowledged document is searchable at once and survives a crash, because
 annlite writes its document store with ``sync=True`` and rebuilds the HNSW graph from it on start.
 
-Placement (docs/design.md): each shard keeps the ids that hash to it (``owner_shard``).
+Placement (docs/design.md) follows the Flow's polling of /index: polled ``ANY``, the shard that
+receives a document stores it; polled ``ALL``, each shard keeps the ids that hash to it (``owner_shard``).
 """
 
 import json
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -16,9 +18,21 @@ from docarray import Document, DocumentArray
 from jina import Executor, requests
 
 from clip_search.params import DEFAULT_LIMIT, validate_search_parameters
-from clip_search.sharding import owner_shard, shard_marker, shard_status
+from clip_search.sharding import (
+    ALL,
+    ANY,
+    DEFAULT_INDEX_POLLING,
+    check_index_polling,
+    held_answer,
+    is_update_check,
+    owner_shard,
+    refuse_unheld,
+    shard_marker,
+    shard_status,
+)
 
 SETTINGS_FILE = 'clip_search_index.json'
+REPLACE_JOURNAL = 'clip_search_replace.journal'  # the old versions of a replace in progress
 
 
 class AnnLiteIndexer(Executor):
@@ -33,6 +47,7 @@ class AnnLiteIndexer(Executor):
         ef_construction: int = 200,
         ef_search: int = 400,
         max_connection: int = 16,
+        index_polling: str = DEFAULT_INDEX_POLLING,
         *args,
         **kwargs,
     ):
@@ -44,6 +59,9 @@ class AnnLiteIndexer(Executor):
         :param ef_search: HNSW query-time beam width (raised to ``limit`` when smaller); 400 gives
             recall@10 0.99 on 20k random vectors where 100 gives 0.85 (bench/)
         :param max_connection: HNSW graph degree
+        :param index_polling: the Flow's polling of /index, which decides placement: ``ANY``, the shard
+            that receives a document stores it (re-indexing an id adds a copy); ``ALL``, the shard its id
+            hashes to (re-indexing replaces). ``python -m clip_search`` sets it from the YAML's polling
         """
         super().__init__(*args, **kwargs)
         if not n_dim:
@@ -57,13 +75,15 @@ class AnnLiteIndexer(Executor):
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
         self.default_limit = limit
         self.columns = [tuple(column) for column in (columns or [])]
+        self.index_polling = check_index_polling(index_polling)
         self.settings = {
             'n_dim': int(n_dim),
             'metric': metric,
             'shards': self.shards,
             'columns': [list(column) for column in self.columns],
+            'index_polling': self.index_polling,
         }
-        data_path = Path(self.workspace)
+        data_path = self.data_path = Path(self.workspace)
         _check_or_write_settings(data_path, self.settings)
         self._index = AnnLite(
             n_dim=int(n_dim),
@@ -74,6 +94,7 @@ class AnnLiteIndexer(Executor):
             ef_search=ef_search,
             max_connection=max_connection,
         )
+        _restore_interrupted_replace(self._index, data_path, self.logger)
         self.logger.info(
             f'shard {self.shard_id}/{self.shards}: {self._index.total_docs} documents in {data_path}'
         )
@@ -84,8 +105,14 @@ class AnnLiteIndexer(Executor):
         return self._answer(self._index_docs, docs)
 
     @requests(on='/update')
-    def update(self, docs: DocumentArray, **kwargs) -> DocumentArray:
-        """Replace documents that are indexed; an id that is not indexed anywhere is an error."""
+    def update(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
+        """Replace every copy of documents that are indexed; an id that is not indexed anywhere is an error.
+
+        The gateway first sends the ids alone as a check pass (``is_update_check``): the shard then
+        only says which it holds, so that the merger can refuse the update before any shard applies it.
+        """
+        if is_update_check(parameters):
+            return self._answer(self._held, docs)
         return self._answer(self._update_docs, docs)
 
     @requests(on='/delete')
@@ -120,19 +147,29 @@ class AnnLiteIndexer(Executor):
         return answer
 
     def _index_docs(self, docs: DocumentArray) -> DocumentArray:
-        mine = self._owned(docs)
+        mine = self._owned(docs) if self.index_polling == ALL else self._all_checked(docs)
         if mine:
             self._replace(mine)
         return docs
 
     def _update_docs(self, docs: DocumentArray) -> DocumentArray:
-        mine = self._owned(docs)
-        missing = [doc.id for doc in mine if not self._contains(doc.id)]
-        if missing:
-            raise ValueError(f'cannot update documents that are not indexed: {missing[:10]} (use /index)')
+        if self.index_polling == ANY:  # any shard may hold a copy: update the ones held here
+            mine = DocumentArray(doc for doc in self._all_checked(docs) if self._contains(doc.id))
+        else:
+            mine = self._owned(docs)
+            missing = [doc.id for doc in mine if not self._contains(doc.id)]
+            if missing:
+                raise ValueError(f'cannot update documents that are not indexed: {missing[:10]} (use /index)')
         if mine:
             self._replace(mine)
         return docs
+
+    def _held(self, docs: DocumentArray) -> DocumentArray:
+        """The check pass of /update: which of the ids this shard holds (the documents need no embedding)."""
+        answer = held_answer(docs[:, 'id'], {doc.id for doc in docs if self._contains(doc.id)})
+        if self.shards == 1:  # no merger runs after a single shard: refuse here
+            refuse_unheld([answer])
+        return DocumentArray(answer)
 
     def _delete_docs(self, docs: DocumentArray) -> DocumentArray:
         present = [doc.id for doc in docs if self._contains(doc.id)]
@@ -187,15 +224,29 @@ class AnnLiteIndexer(Executor):
         self._check_embeddings(docs)
         return _last_of_each_id(doc for doc in docs if owner_shard(doc.id, self.shards) == self.shard_id)
 
+    def _all_checked(self, docs: DocumentArray) -> DocumentArray:
+        """Check every document, keep one per id: a shard holds one copy of an id."""
+        self._check_embeddings(docs)
+        return _last_of_each_id(docs)
+
     def _contains(self, doc_id: str) -> bool:
         return self._index.meta_table.get_address(doc_id)[0] is not None
 
     def _replace(self, docs: DocumentArray) -> None:
-        # annlite's own update keeps stale filter columns in its SQL table, so replace = delete + insert
+        # annlite's own update keeps stale filter columns in its SQL table, so replace = delete + insert;
+        # the old versions are journalled first, so a crash between the two cannot lose them
         existing = [doc.id for doc in docs if self._contains(doc.id)]
-        if existing:
+        if not existing:
+            self._index.index(DocumentArray(_storable(doc) for doc in docs))
+            return
+        _write_atomically(self.data_path / REPLACE_JOURNAL, self._index.doc_store(0).get(existing).to_bytes())
+        try:
             self._index.delete(existing)
-        self._index.index(DocumentArray(_storable(doc) for doc in docs))
+            self._index.index(DocumentArray(_storable(doc) for doc in docs))
+        except Exception:
+            _restore_interrupted_replace(self._index, self.data_path, self.logger)  # the old versions, at once
+            raise
+        _remove_durably(self.data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
 
     def _check_embeddings(self, docs: DocumentArray) -> None:
         n_dim = self.settings['n_dim']
@@ -246,15 +297,69 @@ def _finish_match(match: Document, distance: float) -> None:
 
 
 def _check_or_write_settings(data_path: Path, settings: dict) -> None:
-    """Refuse to open a shard built with another dimension, metric or shard count."""
+    """Refuse to open a shard built with another dimension, metric, shard count, tag columns or placement."""
     data_path.mkdir(parents=True, exist_ok=True)
     settings_file = data_path / SETTINGS_FILE
     if settings_file.exists():
         stored = json.loads(settings_file.read_text())
-        for key in ('n_dim', 'metric', 'shards'):
+        for key in ('n_dim', 'metric', 'shards', 'columns'):
             if stored.get(key) != settings[key]:
                 raise ValueError(
                     f'workspace {data_path} was built with {key}={stored.get(key)!r}, '
                     f'not {settings[key]!r}: start with the same setting or a new workspace'
                 )
-    settings_file.write_text(json.dumps(settings, indent=2))
+        _check_placement(data_path, stored.get('index_polling', ALL), settings['index_polling'])
+    _write_atomically(settings_file, json.dumps(settings, indent=2).encode())
+
+
+def _check_placement(data_path: Path, stored: str, wanted: str) -> None:
+    """ALL -> ANY is allowed (hash-placed ids are where ANY looks too); ANY -> ALL is not.
+
+    A workspace written before placement was recorded was placed by hash (ALL).
+    """
+    if stored == ANY and wanted == ALL:
+        raise ValueError(
+            f'workspace {data_path} was built with index_polling=ANY (an id may be on any shard), '
+            f'not ALL (an id on the shard it hashes to): poll /index ANY or use a new workspace'
+        )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves the old content or the new, never a part: temp file, fsync, rename."""
+    temporary = path.with_name(path.name + '.tmp')
+    with open(temporary, 'wb') as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    _fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def _remove_durably(path: Path) -> None:
+    path.unlink()
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _restore_interrupted_replace(index, data_path: Path, logger) -> None:
+    """A replace cut short by a crash (its journal is still there): put the old versions back.
+
+    The replace was never acknowledged, so the acknowledged state is the one before it.
+    """
+    journal = data_path / REPLACE_JOURNAL
+    if not journal.exists():
+        return
+    old = DocumentArray.from_bytes(journal.read_bytes())
+    present = [doc.id for doc in old if index.meta_table.get_address(doc.id)[0] is not None]
+    if present:
+        index.delete(present)
+    index.index(old)
+    _remove_durably(journal)
+    logger.warning(f'restored {len(old)} documents of a replace interrupted by a crash: {old[:, "id"][:10]}')

@@ -10,17 +10,28 @@ from docarray import Document, DocumentArray
 from jina import Executor, requests
 
 from clip_search.params import DEFAULT_LIMIT
-from clip_search.sharding import merge_status, split_shard_answers
+from clip_search.sharding import (
+    DEFAULT_INDEX_POLLING,
+    answering_shards,
+    check_index_polling,
+    is_update_check,
+    merge_status,
+    refuse_unheld,
+    split_shard_answers,
+)
 
 
 class ShardMerger(Executor):
     """Merge the answers of all indexer shards into the answer one big index would give."""
 
-    def __init__(self, limit: int = DEFAULT_LIMIT, *args, **kwargs):
+    def __init__(self, limit: int = DEFAULT_LIMIT, index_polling: str = DEFAULT_INDEX_POLLING, *args, **kwargs):
         """:param limit: matches per query when the request does not say. As the indexer's uses_after,
-        the merger inherits the indexer's ``uses_with``, and so its ``limit``."""
+        the merger inherits the indexer's ``uses_with``, and so its ``limit``.
+        :param index_polling: the indexer's polling of /index (inherited too): with ``ANY`` one shard answers an /index
+        """
         super().__init__(*args, **kwargs)
         self.default_limit = limit
+        self.index_polling = check_index_polling(index_polling)
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)  # the indexer's shard count
 
     @requests(on='/search')
@@ -59,11 +70,23 @@ class ShardMerger(Executor):
             )
         return merged
 
-    @requests(on=['/index', '/update'])  # no default handler: /rank and / never reach the shards
+    @requests(on='/index')  # no default handler: /rank and / never reach the shards
     def take_one(self, docs_matrix: Optional[List[DocumentArray]], **kwargs) -> Optional[DocumentArray]:
-        """/index and /update: every shard saw the same documents; return them once."""
+        """/index: every shard saw the same documents (one shard did, when polled ANY); return them once."""
         if not docs_matrix:
             return None
+        expected = answering_shards('/index', self.index_polling, self.shards)
+        return _first_of_each_id(split_shard_answers(docs_matrix, expected))
+
+    @requests(on='/update')
+    def merge_update(
+        self, docs_matrix: Optional[List[DocumentArray]], parameters: dict, **kwargs
+    ) -> Optional[DocumentArray]:
+        """The update's answer; for its check pass, a refusal when an id is held by no shard."""
+        if not docs_matrix:
+            return None
+        if is_update_check(parameters):
+            return DocumentArray(Document(id=doc_id) for doc_id in refuse_unheld(split_shard_answers(docs_matrix, self.shards)))
         return _first_of_each_id(split_shard_answers(docs_matrix, self.shards))
 
 
