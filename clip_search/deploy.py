@@ -165,6 +165,10 @@ def container_flow_config(config: dict, image: str) -> tuple[dict, dict[str, str
             executor['uses_after'] = f'docker://{image}'
         if classes[to_compatible_name(shard_names[0])] == INDEXER_CLASS:
             executor['workspace'] = WORKSPACE_MOUNT
+    gateway = config.get('gateway') or {}
+    if gateway.get('uses'):  # clip-search's gateway: Jina's exporters too accept only an image here
+        classes['gateway'] = gateway['uses']
+        gateway['uses'] = f'docker://{image}'
     return config, classes
 
 

@@ -104,6 +104,8 @@ def set_placement(indexer: dict, flow_file='the Flow') -> None:
                     f'so that every shard answers (only /index may be ANY)'
                 )
     index_polling = polling('/index')
+    if index_polling not in ('ANY', 'ALL'):
+        raise FlowConfigError(f'{flow_file}: the indexer polls /index {index_polling}: expected ANY or ALL')
     indexer_with = _section(indexer, 'uses_with')
     declared = indexer_with.get('index_polling')
     if declared is not None and str(declared).upper() != index_polling:

@@ -26,8 +26,8 @@ def service_factory(tmp_path, tiny_model):
     """Start services with the real CLI; every one still running is stopped at the end."""
     started = []
 
-    def start(shards: int = 3, workspace: Path | None = None, **kwargs):
-        service = start_service(tiny_model, workspace or tmp_path / 'workspace', shards=shards, flow_file=FLOW_FILE, **kwargs)
+    def start(shards: int = 3, workspace: Path | None = None, flow_file: Path = FLOW_FILE, **kwargs):
+        service = start_service(tiny_model, workspace or tmp_path / 'workspace', shards=shards, flow_file=flow_file, **kwargs)
         started.append(service)
         return service
 

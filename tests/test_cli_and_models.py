@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +41,34 @@ def test_the_shipped_flow_is_the_chapter_flow():
     assert (encoder['name'], encoder['uses'], encoder['uses_with']['name']) == ('encoder', 'CLIPEncoder', 'ViT-B-32::openai')
     assert (indexer['name'], indexer['uses'], indexer['workspace']) == ('indexer', 'AnnLiteIndexer', './workspace')
     assert indexer['shards'] > 1 and indexer['uses_after'] == 'ShardMerger'
-    assert set(indexer['polling']) == {'/index', '/search', '/update', '/delete', '/status'}
+    assert indexer['polling'] == {'/index': 'ANY', '/search': 'ALL', '/update': 'ALL', '/delete': 'ALL', '/status': 'ALL'}
+
+
+@pytest.mark.parametrize('polling', ['ANY', 'ALL'])
+def test_the_indexer_and_its_merger_are_told_the_polling_of_index(tmp_path, tiny_model, polling):
+    config = yaml.safe_load(FLOW_FILE.read_text())
+    config['executors'][1]['polling']['/index'] = polling
+    flow_file = tmp_path / 'flow.yml'
+    flow_file.write_text(yaml.safe_dump(config))
+    served = prepare_flow_config(flow_file, model=str(tiny_model))
+    assert served['executors'][1]['uses_with']['index_polling'] == polling  # the merger inherits uses_with
+    assert served['gateway']['uses'] == 'CheckedGRPCGateway' and served['gateway']['uses_with'] == {'indexer': 'indexer'}
+
+
+@pytest.mark.parametrize(
+    'change, message',
+    [
+        ({'/search': 'ANY'}, 'the indexer polls /search ANY: it must be ALL, so that every shard answers (only /index may be ANY)'),
+        ({'/index': 'SOME'}, 'the indexer polls /index SOME: expected ANY or ALL'),
+    ],
+)
+def test_a_polling_that_cannot_work_is_refused_by_name(tmp_path, tiny_model, change, message):
+    config = yaml.safe_load(FLOW_FILE.read_text())
+    config['executors'][1]['polling'].update(change)
+    flow_file = tmp_path / 'flow.yml'
+    flow_file.write_text(yaml.safe_dump(config))
+    with pytest.raises(FlowConfigError, match=re.escape(message)):
+        prepare_flow_config(flow_file, model=str(tiny_model))
 
 
 def test_overrides_and_index_dimension_follow_the_command_line(tiny_model):

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from docarray import Document
 
-from clip_search import Client
+from clip_search import Client, RequestError
 from clip_search.cli import main
 from helpers.service import ComposeProcesses
 from conftest import ROOT
@@ -65,9 +65,12 @@ def test_the_compose_flow_keeps_placement_merging_and_the_public_port_of_the_ser
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
     services = compose['services']
     head = services['indexer-head']['command']
-    assert json.loads(option(head, '--polling'))['/index'] == 'ALL' and option(head, '--retries') == '0'
     (merger,) = services_running(compose, 'ShardMerger').values()
     shard = next(iter(services_running(compose, 'AnnLiteIndexer').values()))
+    assert json.loads(option(head, '--polling'))['/index'] == 'ANY' and option(head, '--retries') == '0'
+    assert json.loads(option(shard['command'], '--uses-with'))['index_polling'] == 'ANY'  # the shards know it
+    gateway = services['gateway']['command']  # clip-search's gateway: an all-or-nothing /update
+    assert option(gateway, '--uses') == 'CheckedGRPCGateway' and option(gateway, '--py-modules') == 'clip_search.gateway'
     # the indexer's settings (a limit set there is the merger's too), as in a local Flow
     assert json.loads(option(merger['command'], '--uses-with')) == json.loads(option(shard['command'], '--uses-with'))
     assert option(head, '--uses-after-address') == 'indexer-uses-after:8081'
@@ -177,15 +180,18 @@ def test_the_compose_topology_indexes_and_searches_as_separate_processes(tmp_pat
         client = Client(f'grpc://127.0.0.1:{services.gateway_port}')
         docs = [Document(id=f'doc-{i}', text=f'sentence number {i} about {word}')
                 for i, word in enumerate(['apples', 'boats', 'clouds', 'dogs', 'engines', 'forests'] * 3)]  # fmt: skip
-        client.index(docs)
+        client.index(docs, batch_size=3)  # /index is polled ANY: each request is stored by one shard
         for doc, result in zip(docs, client.search([doc.text for doc in docs], limit=3)):
             assert result.matches[0].id == doc.id
             assert result.matches[0].scores['cosine'].value == pytest.approx(0, abs=1e-4)
             assert len(result.matches) == 3
+        with pytest.raises(RequestError, match=re.escape("not indexed: ['unknown'] (use /index); nothing was updated")):
+            client.update([Document(id='doc-0', text='changed'), Document(id='unknown', text='new')])  # the gateway's check
+        assert client.search([docs[0].text], limit=1)[0].matches[0].text == docs[0].text
         status = client.status()
         assert status['documents'] == len(docs) and status['index']['shards'] == 2
         per_shard = {shard['shard']: shard['documents'] for shard in status['shards']}
-        assert set(per_shard) == {0, 1} and all(per_shard.values())  # placement by id hash reached both shards
+        assert set(per_shard) == {0, 1} and all(per_shard.values())  # the requests went to both shards in turn
         for shard in (0, 1):  # each shard wrote its index into its own volume, which records the shard count
             (settings,) = services.volume(f'indexer-{shard}-workspace').rglob('clip_search_index.json')
             assert json.loads(settings.read_text())['shards'] == 2

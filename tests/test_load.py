@@ -8,11 +8,12 @@ import pytest
 from docarray import Document
 
 from clip_search import Client
+from helpers.service import flow_polling_index
 
 
 @pytest.mark.slow
-def test_concurrent_clients_lose_and_duplicate_nothing(service_factory):
-    service = service_factory(shards=3)
+def test_concurrent_clients_lose_and_duplicate_nothing(service_factory, tmp_path):
+    service = service_factory(shards=3, flow_file=flow_polling_index(tmp_path, 'ALL'))  # /index an upsert
     acknowledged: set[str] = set()
     errors: list[BaseException] = []
     lock = threading.Lock()

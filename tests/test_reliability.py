@@ -12,7 +12,7 @@ import pytest
 from docarray import Document
 
 from clip_search import RequestError
-from helpers.service import start_service
+from helpers.service import flow_polling_index, start_service
 from conftest import FLOW_FILE, png_bytes
 
 
@@ -46,7 +46,9 @@ def test_acknowledged_documents_survive_kill_9_of_every_process(tmp_path, servic
 @pytest.mark.slow
 def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path, service_factory):
     workspace = tmp_path / 'workspace'
-    service = service_factory(shards=3, workspace=workspace, extra_args=('--no-exit-on-failure',))
+    # /index polled ALL: every shard must answer an /index too (polled ANY, one live shard may take it)
+    flow_file = flow_polling_index(tmp_path, 'ALL')
+    service = service_factory(shards=3, workspace=workspace, flow_file=flow_file, extra_args=('--no-exit-on-failure',))
     client = service.client()
     client.index([Document(id=f'f-{i}', text=f'fault sentence {i}') for i in range(60)])
     before = client.status()
@@ -63,7 +65,7 @@ def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path
     assert time.monotonic() - started < 30  # errors, not hangs
     service.stop()
 
-    client = service_factory(shards=3, workspace=workspace).client()
+    client = service_factory(shards=3, workspace=workspace, flow_file=flow_file).client()
     status = client.status()
     assert status['documents'] in (before['documents'], before['documents'] + 1)
     assert status['shards'][1]['documents'] == before['shards'][1]['documents']  # shard 1 serves its data again

@@ -59,6 +59,19 @@ def free_port() -> int:
 FLOW_FILE = Path(__file__).resolve().parents[2] / 'flows' / 'search_flow.yml'  # the repository's copy
 
 
+def flow_polling_index(directory: str | Path, polling: str) -> Path:
+    """The shipped Flow with ``/index`` polled ``polling`` (``ALL``: placement by id hash), as a user would edit it."""
+    import yaml
+
+    text = FLOW_FILE.read_text()
+    assert '      /index: ANY' in text  # the one line a user changes
+    path = Path(directory) / f'search_flow_index_{polling.lower()}.yml'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text.replace('      /index: ANY', f'      /index: {polling}'))
+    assert yaml.safe_load(path.read_text())['executors'][1]['polling']['/index'] == polling
+    return path
+
+
 class Service:
     """A clip-search server started with ``python -m clip_search`` in a subprocess."""
 
