@@ -208,3 +208,14 @@ def test_a_crash_between_the_delete_and_the_insert_of_a_replace_keeps_the_old_ve
     red = shard.search(DocumentArray([doc('q', '', 'red')]), parameters={'filter': {'color': {'$eq': 'red'}}})
     assert red[0].matches[:, 'id'] == ['kept']  # its filter column is back too
     shard.close()
+
+
+@pytest.mark.slow
+def test_a_single_shard_refuses_the_mixed_update_itself(service_factory):
+    client = service_factory(shards=1).client()  # no merger after one shard: the shard answers the check pass
+    client.index([Document(id='solo', text='a lone tree on a hill')])
+    with pytest.raises(RequestError, match=re.escape("not indexed: ['solo-unknown'] (use /index); nothing was updated")):
+        client.update([Document(id='solo', text='changed'), Document(id='solo-unknown', text='new')])
+    assert client.search(['a lone tree on a hill'], limit=1)[0].matches[0].text == 'a lone tree on a hill'
+    client.update([Document(id='solo', text='a forest in the rain')])
+    assert client.search(['a forest in the rain'], limit=1)[0].matches[0].text == 'a forest in the rain'

@@ -14,6 +14,7 @@ from clip_search import Client, RequestError
 from helpers.service import start_service
 from conftest import FLOW_FILE, ROOT
 
+REFUSAL = "cannot update documents that are not indexed: ['t-unknown'] (use /index); nothing was updated"
 TEXTS = [f'sentence number {i} about {topic}' for i, topic in enumerate(['cats', 'the sea', 'trains', 'bread', 'rain', 'maps'] * 2)]
 
 
@@ -47,6 +48,8 @@ def test_http_json_answers_as_grpc_does_and_every_protocol_agrees(tmp_path, tiny
             assert distances == sorted(distances)
         with pytest.raises(RequestError, match='limit'):
             Client(http.address).search(['x'], limit=0)
+        with pytest.raises(RequestError, match=re.escape(REFUSAL)):  # every protocol's gateway runs the check pass
+            Client(http.address).update([Document(id='t0', text='changed'), Document(id='t-unknown', text='new')])
         over_http = Client(http.address).search(TEXTS, limit=5)
     finally:
         http.stop()
@@ -56,7 +59,9 @@ def test_http_json_answers_as_grpc_does_and_every_protocol_agrees(tmp_path, tiny
     for protocol in ('grpc', 'websocket'):
         service = start_service(tiny_model, workspace, shards=2, flow_file=FLOW_FILE, protocol=protocol)
         try:
-            table = match_table(Client(service.address).search(TEXTS, limit=5))
+            with pytest.raises(RequestError, match=re.escape(REFUSAL)):
+                Client(service.address).update([Document(id='t1', text='changed'), Document(id='t-unknown', text='new')])
+            table = match_table(Client(service.address).search(TEXTS, limit=5))  # t0 and t1 unchanged
             assert [[i for i, _ in q] for q in table] == [[i for i, _ in q] for q in from_json], protocol
             assert [d for q in table for _, d in q] == pytest.approx([d for q in from_json for _, d in q], abs=1e-6)
         finally:
