@@ -7,7 +7,7 @@ would be served.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import yaml
 
@@ -116,8 +116,8 @@ def set_placement(indexer: dict, flow_file='the Flow') -> None:
     indexer_with['index_polling'] = index_polling
 
 
-def indexer_polling(indexer: dict):
-    """The indexer's polling as a function of the endpoint, as Jina reads ``polling`` (a word or a map; ANY by default)."""
+def indexer_polling(indexer: dict) -> Callable[[str], str]:
+    """The indexer's polling per endpoint, read as Jina reads ``polling`` (a word or a map; ANY by default)."""
     polling = indexer.get('polling') or 'ANY'
     if isinstance(polling, dict):
         by_endpoint = {str(endpoint): str(mode).upper() for endpoint, mode in polling.items()}

@@ -85,9 +85,10 @@ class ShardMerger(Executor):
         """The update's answer; for its check pass, a refusal when an id is held by no shard."""
         if not docs_matrix:
             return None
+        answers = split_shard_answers(docs_matrix, self.shards)
         if is_update_check(parameters):
-            return DocumentArray(Document(id=doc_id) for doc_id in refuse_unheld(split_shard_answers(docs_matrix, self.shards)))
-        return _first_of_each_id(split_shard_answers(docs_matrix, self.shards))
+            return DocumentArray(Document(id=doc_id) for doc_id in refuse_unheld(answers))
+        return _first_of_each_id(answers)
 
 
 def _first_of_each_id(docs_matrix: List[DocumentArray]) -> DocumentArray:
