@@ -62,6 +62,8 @@ def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path
         client.status()
     with pytest.raises(RequestError, match=r'shards \[1\] of 3'):
         client.index([Document(id='f-new', text='written while a shard is down')])
+    with pytest.raises(RequestError, match=r'shards \[1\] of 3'):  # refused by the check pass: nothing changed
+        client.update([Document(id='f-3', text='changed while a shard is down')])
     assert time.monotonic() - started < 30  # errors, not hangs
     service.stop()
 
@@ -72,6 +74,7 @@ def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path
     client.index([Document(id='f-new', text='written while a shard is down')])  # a retry is safe: upsert
     assert client.status()['documents'] == before['documents'] + 1
     assert client.search(['fault sentence 7'], limit=1)[0].matches[0].id == 'f-7'
+    assert client.search(['fault sentence 3'], limit=1)[0].matches[0].text == 'fault sentence 3'  # the refused update
 
 
 @pytest.mark.slow
