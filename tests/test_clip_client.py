@@ -44,3 +44,32 @@ def test_clip_client_encode_and_default_limit(chapter_service):
     assert embeddings.shape == (2, 64)
     client.index([f'sentence {i}' for i in range(15)])
     assert len(client.search(['sentence 1'])[0].matches) == 10
+
+
+@pytest.mark.slow
+def test_the_cards_placement_with_five_shards_holds_after_a_restart(service_factory, tmp_path):
+    """/index polled ANY, as the card says: 100 texts in 10 requests, each request stored by one shard."""
+    from clip_client import Client
+    from docarray import Document
+
+    workspace = tmp_path / 'workspace'
+    service = service_factory(shards=5, workspace=workspace)
+    texts = [f'card sentence {i} about {topic}' for i, topic in enumerate(['tides', 'kites', 'moss', 'glass'] * 25)]
+    Client(service.address).index([Document(id=f'card-{i}', text=t) for i, t in enumerate(texts)], batch_size=10)
+    deleted = [f'card-{i}' for i in range(0, 100, 10)]
+    assert sorted(service.client().delete(deleted)) == sorted(deleted)
+
+    def holds(service) -> None:
+        status = service.client().status()  # clip_client has no status()
+        assert status['documents'] == 90 and sum(1 for s in status['shards'] if s['documents']) >= 3
+        for i, (text, result) in enumerate(zip(texts, Client(service.address).search(texts, limit=10))):
+            ids = result.matches[:, 'id']
+            distances = [m.scores['cosine'].value for m in result.matches]
+            assert len(set(ids)) == len(ids) == 10 and distances == sorted(distances)
+            assert not set(deleted) & set(ids)
+            if f'card-{i}' not in deleted:
+                assert ids[0] == f'card-{i}'  # every text finds itself first
+
+    holds(service)
+    service.stop()
+    holds(service_factory(shards=5, workspace=workspace))
