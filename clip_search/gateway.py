@@ -35,6 +35,7 @@ class _UpdateCheck:
         super().__init__(**kwargs)
 
     def _get_request_handler(self):
+        # here, not in a shard or the merger: only the gateway sees every shard before any applies, in one client call
         handler = super()._get_request_handler()
         streamer = handler.streamer  # Jina's GatewayStreamer; its RequestStreamer serves every protocol
         streamer._streamer._request_handler = checked_update_handler(
