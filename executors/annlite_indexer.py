@@ -188,7 +188,7 @@ class AnnLiteIndexer(Executor):
                 doc.matches = DocumentArray()
             return docs
         if search_filter or self._index.n_cells != 1:
-            self._index.search(docs, filter=search_filter, limit=limit)
+            _filtered_search(self._index, docs, search_filter, limit)
             for doc in docs:
                 for match in doc.matches:
                     _finish_match(match, match.scores['cosine'].value)
@@ -294,6 +294,40 @@ def _finish_match(match: Document, distance: float) -> None:
     score.value = max(float(distance), 0.0) or -0.0
     score.op_name = 'cosine'
     match.embedding = None
+
+
+def _filtered_search(index, docs: DocumentArray, search_filter: Optional[dict], limit: int) -> None:
+    """annlite's search; where its HNSW filter search cannot fill the results, an exact search of the filtered documents.
+
+    annlite asks hnswlib for as many matches as rows pass the filter (when fewer than ``limit``);
+    a graph walk that misses one of them fails the whole search ("Cannot return the results in a
+    contigious 2D array"). Seen with few documents passing the filter on a shard.
+    """
+    try:
+        index.search(docs, filter=search_filter, limit=limit)
+    except RuntimeError as exc:
+        if 'contigious 2D array' not in str(exc):
+            raise
+        exact_filtered_search(index, docs, search_filter, limit)
+
+
+def exact_filtered_search(index, docs: DocumentArray, search_filter: Optional[dict], limit: int) -> None:
+    """Top-``limit`` matches by cosine distance among every document that passes the filter (brute force)."""
+    candidates = index.filter(filter=search_filter or {}, limit=max(index.total_docs, 1))
+    if not len(candidates):
+        for doc in docs:
+            doc.matches = DocumentArray()
+        return
+    vectors = np.asarray(candidates.embeddings, dtype=np.float32)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    for doc in docs:
+        query = np.asarray(doc.embedding, dtype=np.float32)
+        distances = 1.0 - vectors @ (query / max(float(np.linalg.norm(query)), 1e-12))
+        order = np.argsort(distances, kind='stable')[:limit]
+        matches = DocumentArray(Document(candidates[int(i)], copy=True) for i in order)
+        for match, i in zip(matches, order):
+            match.scores['cosine'].value = float(distances[int(i)])
+        doc.matches = matches
 
 
 def _check_or_write_settings(data_path: Path, settings: dict) -> None:

@@ -219,3 +219,30 @@ def test_a_single_shard_refuses_the_mixed_update_itself(service_factory):
     assert client.search(['a lone tree on a hill'], limit=1)[0].matches[0].text == 'a lone tree on a hill'
     client.update([Document(id='solo', text='a forest in the rain')])
     assert client.search(['a forest in the rain'], limit=1)[0].matches[0].text == 'a forest in the rain'
+
+
+def test_the_exact_filtered_search_agrees_with_annlites_where_annlite_answers(tmp_path):
+    """The fallback for annlite's filter search that cannot fill its results (seen with few matches on a shard)."""
+    import numpy as np
+
+    from clip_search.executors.annlite_indexer import exact_filtered_search
+
+    shard = open_shard(tmp_path, columns=[['color', 'str']])
+    rng = np.random.default_rng(3)
+    stored = DocumentArray(
+        Document(id=f'v{i}', embedding=rng.normal(size=4).astype(np.float32), tags={'color': ['red', 'blue'][i % 2]})
+        for i in range(40)
+    )
+    shard.index(stored, parameters={})
+    shard.delete(DocumentArray([Document(id='v1'), Document(id='v2')]), parameters={})
+    search_filter = {'color': {'$eq': 'red'}}
+    queries = DocumentArray(Document(embedding=rng.normal(size=4).astype(np.float32)) for _ in range(5))
+    expected = shard.search(DocumentArray(Document(q, copy=True) for q in queries), parameters={'filter': search_filter, 'limit': 5})
+    exact_filtered_search(shard._index, queries, search_filter, 5)
+    for got, want in zip(queries, expected):
+        assert got.matches[:, 'id'] == want.matches[:, 'id']
+        assert all(m.tags['color'] == 'red' and m.id != 'v2' for m in got.matches)  # v2 was deleted
+        assert [m.scores['cosine'].value for m in got.matches] == pytest.approx(
+            [m.scores['cosine'].value for m in want.matches], abs=1e-5
+        )
+    shard.close()
