@@ -13,8 +13,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import yaml
 
@@ -82,17 +83,22 @@ def serve(
     the search page is served on it while the Flow runs. Returns the exit code.
     """
     stop_event = stop_event or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     flow = build_flow(config)
     protocol = str((config.get('with') or {}).get('protocol', 'grpc'))
     scheme = {'websocket': 'ws'}.get(protocol, protocol) + ('s' if (config.get('gateway') or {}).get('ssl_certfile') else '')
     exit_code = 0
-    with flow, _web_page(web_socket, config, scheme, flow.port):
-        # Jina starts every executor as a multiprocessing child of this process, named after it
-        executors = {child.pid: child.name for child in multiprocessing.active_children()}
-        print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
+    with _stop_signals(stop_event) as starting:
         try:
+            flow.start()
+        except KeyboardInterrupt:  # Ctrl-C while the executors start: stop the ones started so far
+            _stop_executors()
+            print('clip-search stopped before it was ready', flush=True)
+            return 130
+        starting.clear()
+        with contextlib.closing(flow), _web_page(web_socket, config, scheme, flow.port):
+            # Jina starts every executor as a multiprocessing child of this process, named after it
+            executors = {child.pid: child.name for child in multiprocessing.active_children()}
+            print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
             while not stop_event.wait(1.0):
                 dead = _dead_executors(executors) if exit_on_failure else []
                 if dead:
@@ -103,10 +109,64 @@ def serve(
                     )  # fmt: skip
                     exit_code = 1
                     break
-        except KeyboardInterrupt:
-            pass
     print('clip-search stopped; the index is saved in its workspace', flush=True)
     return exit_code
+
+
+@contextlib.contextmanager
+def _stop_signals(stop_event: threading.Event) -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM stop the service in order: the gateway first, then the executors.
+
+    Ctrl-C in a terminal signals every process of the group at once. Left alone, each executor
+    stops itself (a traceback from the ones still starting, "Communication error" lines from the
+    gateway when a shard goes first). Here only this process acts: while the Flow starts, Ctrl-C
+    interrupts the start (yields an event that is set until ``clear()``); once it serves, both
+    signals set ``stop_event`` and the Flow closes its executors one by one, each on a SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield threading.Event()
+        return
+    import jina.serve.runtimes.asyncio as jina_runtime
+
+    starting = threading.Event()
+    starting.set()
+    parent = os.getpid()
+
+    def on_signal(signum: int, frame) -> None:
+        if os.getpid() != parent:  # an executor, forked before Jina installs its own handlers
+            if signum == signal.SIGTERM:  # the Flow stops it: die as an executor without this handler would
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if signum == signal.SIGINT and starting.is_set():
+            raise KeyboardInterrupt
+        stop_event.set()
+
+    # executors inherit these handlers (Jina forks them) and, once running, handle SIGTERM alone
+    handled, jina_runtime.HANDLED_SIGNALS = jina_runtime.HANDLED_SIGNALS, (signal.SIGTERM, signal.SIGSEGV)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield starting
+    finally:
+        jina_runtime.HANDLED_SIGNALS = handled
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_executors(grace: float = 3.0) -> None:
+    """SIGTERM every executor process started so far; SIGKILL what is left after ``grace`` seconds.
+
+    A shard loses nothing either way (its writes are synced); a start is only reading.
+    """
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def open_web_port(config: dict, port: Optional[int], host: Optional[str]) -> Optional[socket.socket]:
@@ -159,11 +219,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             protocol=args.protocol,
         )
         web_socket = open_web_port(config, args.web_port, args.web_host)
+    except KeyboardInterrupt:  # Ctrl-C while the weights download
+        print('clip-search stopped before it was ready', flush=True)
+        return 130
     except (ModelUnavailableError, FlowConfigError, WebServerError, OSError, yaml.YAMLError) as exc:
         print(f'clip-search: {exc}', file=sys.stderr)
         return 2
     try:
         return serve(config, exit_on_failure=args.exit_on_failure, web_socket=web_socket)
+    except KeyboardInterrupt:  # Ctrl-C before the Flow started any executor
+        print('clip-search stopped before it was ready', flush=True)
+        return 130
     except Exception as exc:  # jina has logged the details; say it in one line too
         print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@ Jina's built-in reduce concatenates the shards' matches (3 shards x limit 10 = 3
 matches), so the global top-k has to be computed here.
 """
 
+import logging
 from typing import Iterable, List, Optional
 
 from docarray import Document, DocumentArray
@@ -11,6 +12,21 @@ from jina import Executor, requests
 
 from clip_search.params import DEFAULT_LIMIT
 from clip_search.sharding import merge_status, split_shard_answers
+
+
+
+class _InheritedSettingsFilter(logging.Filter):
+    """Drop Jina's warning that the merger does not take the indexer's settings (n_dim, columns, ...).
+
+    As the indexer's ``uses_after``, the merger receives the indexer's ``uses_with`` (Jina gives it
+    no settings of its own) and uses only ``limit``: the warning is expected and would only puzzle.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'are not defined in `ShardMerger.__init__`' not in record.getMessage()
+
+
+logging.getLogger('JINA').addFilter(_InheritedSettingsFilter())  # Jina's default_logger
 
 
 class ShardMerger(Executor):
