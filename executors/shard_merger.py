@@ -10,7 +10,7 @@ from typing import Iterable, List, Optional
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
-from clip_search.params import DEFAULT_LIMIT
+from clip_search.params import DEFAULT_LIMIT, validate_max_distance, within_distance
 from clip_search.sharding import merge_status, split_shard_answers
 
 
@@ -48,9 +48,11 @@ class ShardMerger(Executor):
             return None
         docs_matrix = split_shard_answers(docs_matrix, self.shards)
         limit = int(parameters.get('limit') or self.default_limit)
+        max_distance = validate_max_distance(parameters.get('max_distance'))
         queries = _first_of_each_id(docs_matrix)
         for query in queries:
             candidates = [m for answer in docs_matrix if query.id in answer for m in answer[query.id].matches]
+            candidates = [m for m in candidates if within_distance(_distance(m), max_distance)]
             query.matches = DocumentArray(_top_unique(candidates, limit))
         return queries
 
