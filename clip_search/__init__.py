@@ -5,7 +5,14 @@ import warnings
 # jina imports its hub SDK, which imports setuptools' pkg_resources: a deprecation warning nobody here can act on
 warnings.filterwarnings('ignore', message='pkg_resources is deprecated', category=UserWarning)
 
-from clip_search.client import Client, RequestError  # noqa: E402  (after the filter: it imports jina)
-
 __version__ = '0.1.0'
 __all__ = ['Client', 'RequestError', '__version__']
+
+
+def __getattr__(name: str):
+    """``Client`` and ``RequestError`` on first use: ``python -m clip_search`` imports jina under its own Ctrl-C handling."""
+    if name in ('Client', 'RequestError'):
+        from clip_search import client
+
+        return getattr(client, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NoReturn, Optional, Sequence
 
 import yaml
 
@@ -88,12 +88,7 @@ def serve(
     scheme = {'websocket': 'ws'}.get(protocol, protocol) + ('s' if (config.get('gateway') or {}).get('ssl_certfile') else '')
     exit_code = 0
     with _stop_signals(stop_event) as starting:
-        try:
-            flow.start()
-        except KeyboardInterrupt:  # Ctrl-C while the executors start: stop the ones started so far
-            _stop_executors()
-            print('clip-search stopped before it was ready', flush=True)
-            return 130
+        flow.start()
         starting.clear()
         with contextlib.closing(flow), _web_page(web_socket, config, scheme, flow.port):
             # Jina starts every executor as a multiprocessing child of this process, named after it
@@ -119,9 +114,10 @@ def _stop_signals(stop_event: threading.Event) -> Iterator[threading.Event]:
 
     Ctrl-C in a terminal signals every process of the group at once. Left alone, each executor
     stops itself (a traceback from the ones still starting, "Communication error" lines from the
-    gateway when a shard goes first). Here only this process acts: while the Flow starts, Ctrl-C
-    interrupts the start (yields an event that is set until ``clear()``); once it serves, both
-    signals set ``stop_event`` and the Flow closes its executors one by one, each on a SIGTERM.
+    gateway when a shard goes first). Here only this process acts: while the Flow starts (the
+    yielded event is set until ``clear()``), Ctrl-C stops the executors started so far and exits;
+    once it serves, both signals set ``stop_event`` and the Flow closes its executors one by one,
+    each on a SIGTERM.
     """
     if threading.current_thread() is not threading.main_thread():
         yield threading.Event()
@@ -139,7 +135,8 @@ def _stop_signals(stop_event: threading.Event) -> Iterator[threading.Event]:
                 os.kill(os.getpid(), signum)
             return
         if signum == signal.SIGINT and starting.is_set():
-            raise KeyboardInterrupt
+            starting.clear()  # a second Ctrl-C meanwhile changes nothing
+            _abandon_start()
         stop_event.set()
 
     # executors inherit these handlers (Jina forks them) and, once running, handle SIGTERM alone
@@ -151,6 +148,18 @@ def _stop_signals(stop_event: threading.Event) -> Iterator[threading.Event]:
         jina_runtime.HANDLED_SIGNALS = handled
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _abandon_start() -> NoReturn:
+    """Ctrl-C while the Flow starts: stop the executors started so far and exit at once.
+
+    Not by raising KeyboardInterrupt: it would land anywhere in Jina's start (a lock's release, a
+    fork hook) and leave executors behind; and nothing needs saving before the Flow serves.
+    """
+    _stop_executors()
+    print('clip-search stopped before it was ready', flush=True)
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _stop_executors(grace: float = 3.0) -> None:
@@ -198,6 +207,14 @@ def _dead_executors(executors: dict[int, str]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the Flow starts (loading libraries, fetching weights)
+        print('clip-search stopped before it was ready', flush=True)
+        return 130
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault('JINA_HIDE_SURVEY', '1')
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['export']:  # `python -m clip_search export ...`: a parser of its own, see deploy.py
@@ -219,17 +236,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             protocol=args.protocol,
         )
         web_socket = open_web_port(config, args.web_port, args.web_host)
-    except KeyboardInterrupt:  # Ctrl-C while the weights download
-        print('clip-search stopped before it was ready', flush=True)
-        return 130
     except (ModelUnavailableError, FlowConfigError, WebServerError, OSError, yaml.YAMLError) as exc:
         print(f'clip-search: {exc}', file=sys.stderr)
         return 2
     try:
         return serve(config, exit_on_failure=args.exit_on_failure, web_socket=web_socket)
-    except KeyboardInterrupt:  # Ctrl-C before the Flow started any executor
-        print('clip-search stopped before it was ready', flush=True)
-        return 130
     except Exception as exc:  # jina has logged the details; say it in one line too
         print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
         return 1
