@@ -66,3 +66,28 @@ def test_bad_max_distance_is_refused_naming_it(client, bad):
         f'(a cosine distance, from 0 for exact matches only to 2) (shards [0, 1, 2])'
     )
     assert [i for i, _ in matches_of(client, TEXTS[0], limit=1)] == ['n0']  # and the service still answers
+
+
+@pytest.mark.slow
+def test_max_distance_in_plain_http_json(tmp_path, tiny_model):
+    """POST /post as curl sends it: the parameter in the JSON body's parameters."""
+    from conftest import FLOW_FILE
+    from helpers.service import start_service
+    from test_protocols import post_json
+
+    service = start_service(tiny_model, tmp_path / 'workspace', shards=2, flow_file=FLOW_FILE, protocol='http')
+    try:
+        data = [{'id': f'n{i}', 'text': text} for i, text in enumerate(TEXTS)]
+        post_json(service.port, {'execEndpoint': '/index', 'data': data})
+        queries = [{'text': text} for text in TEXTS[:5]]
+        exact = post_json(service.port, {'execEndpoint': '/search', 'data': queries, 'parameters': {'max_distance': 0.0}})
+        assert [[m['id'] for m in q['matches']] for q in exact['data']] == [[f'n{i}'] for i in range(5)]
+        ranked = post_json(service.port, {'execEndpoint': '/search', 'data': queries[:1], 'parameters': {'limit': 30}})
+        distances = [m['scores']['cosine']['value'] for m in ranked['data'][0]['matches']]
+        cut = (distances[4] + distances[5]) / 2
+        within = post_json(service.port, {'execEndpoint': '/search', 'data': queries[:1], 'parameters': {'limit': 30, 'max_distance': cut}})
+        assert [m['id'] for m in within['data'][0]['matches']] == [m['id'] for m in ranked['data'][0]['matches'][:5]]
+        refused = post_json(service.port, {'execEndpoint': '/search', 'data': queries[:1], 'parameters': {'max_distance': -1}})
+        assert 'parameter max_distance=-1.0 must be a number of at least 0' in refused['header']['status']['description']
+    finally:
+        service.stop()
