@@ -2,6 +2,10 @@
 
 import sys
 
-from clip_search.cli import main
+try:
+    from clip_search.cli import main
+except KeyboardInterrupt:  # Ctrl-C while the libraries load: nothing started yet
+    print('clip-search stopped before it was ready', flush=True)
+    sys.exit(130)
 
 sys.exit(main())

@@ -13,8 +13,9 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, NoReturn, Optional, Sequence
 
 import yaml
 
@@ -82,17 +83,17 @@ def serve(
     the search page is served on it while the Flow runs. Returns the exit code.
     """
     stop_event = stop_event or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: stop_event.set())
     flow = build_flow(config)
     protocol = str((config.get('with') or {}).get('protocol', 'grpc'))
     scheme = {'websocket': 'ws'}.get(protocol, protocol) + ('s' if (config.get('gateway') or {}).get('ssl_certfile') else '')
     exit_code = 0
-    with flow, _web_page(web_socket, config, scheme, flow.port):
-        # Jina starts every executor as a multiprocessing child of this process, named after it
-        executors = {child.pid: child.name for child in multiprocessing.active_children()}
-        print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
-        try:
+    with _stop_signals(stop_event) as starting:
+        flow.start()
+        starting.clear()
+        with contextlib.closing(flow), _web_page(web_socket, config, scheme, flow.port):
+            # Jina starts every executor as a multiprocessing child of this process, named after it
+            executors = {child.pid: child.name for child in multiprocessing.active_children()}
+            print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
             while not stop_event.wait(1.0):
                 dead = _dead_executors(executors) if exit_on_failure else []
                 if dead:
@@ -103,10 +104,78 @@ def serve(
                     )  # fmt: skip
                     exit_code = 1
                     break
-        except KeyboardInterrupt:
-            pass
     print('clip-search stopped; the index is saved in its workspace', flush=True)
     return exit_code
+
+
+@contextlib.contextmanager
+def _stop_signals(stop_event: threading.Event) -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM stop the service in order: the gateway first, then the executors.
+
+    Ctrl-C in a terminal signals every process of the group at once. Left alone, each executor
+    stops itself (a traceback from the ones still starting, "Communication error" lines from the
+    gateway when a shard goes first). Here only this process acts: while the Flow starts (the
+    yielded event is set until ``clear()``), Ctrl-C stops the executors started so far and exits;
+    once it serves, both signals set ``stop_event`` and the Flow closes its executors one by one,
+    each on a SIGTERM.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield threading.Event()
+        return
+    import jina.serve.runtimes.asyncio as jina_runtime
+
+    starting = threading.Event()
+    starting.set()
+    parent = os.getpid()
+
+    def on_signal(signum: int, frame) -> None:
+        if os.getpid() != parent:  # an executor, forked before Jina installs its own handlers
+            if signum == signal.SIGTERM:  # the Flow stops it: die as an executor without this handler would
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        if signum == signal.SIGINT and starting.is_set():
+            starting.clear()  # a second Ctrl-C meanwhile changes nothing
+            _abandon_start()
+        stop_event.set()
+
+    # executors inherit these handlers (Jina forks them) and, once running, handle SIGTERM alone
+    handled, jina_runtime.HANDLED_SIGNALS = jina_runtime.HANDLED_SIGNALS, (signal.SIGTERM, signal.SIGSEGV)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield starting
+    finally:
+        jina_runtime.HANDLED_SIGNALS = handled
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _abandon_start() -> NoReturn:
+    """Ctrl-C while the Flow starts: stop the executors started so far and exit at once.
+
+    Not by raising KeyboardInterrupt: it would land anywhere in Jina's start (a lock's release, a
+    fork hook) and leave executors behind; and nothing needs saving before the Flow serves.
+    """
+    _stop_executors()
+    print('clip-search stopped before it was ready', flush=True)
+    sys.stderr.flush()
+    os._exit(130)
+
+
+def _stop_executors(grace: float = 3.0) -> None:
+    """SIGTERM every executor process started so far; SIGKILL what is left after ``grace`` seconds.
+
+    A shard loses nothing either way (its writes are synced); a start is only reading.
+    """
+    children = multiprocessing.active_children()
+    for child in children:
+        child.terminate()
+    deadline = time.monotonic() + grace
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join()
 
 
 def open_web_port(config: dict, port: Optional[int], host: Optional[str]) -> Optional[socket.socket]:
@@ -138,6 +207,14 @@ def _dead_executors(executors: dict[int, str]) -> list[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before the Flow starts (loading libraries, fetching weights)
+        print('clip-search stopped before it was ready', flush=True)
+        return 130
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ.setdefault('JINA_HIDE_SURVEY', '1')
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ['export']:  # `python -m clip_search export ...`: a parser of its own, see deploy.py

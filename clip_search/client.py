@@ -74,13 +74,15 @@ class Client:
         filter: Optional[dict] = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         show_progress: Optional[bool] = None,
+        max_distance: Optional[float] = None,
     ) -> DocumentArray:
         """Find the ``limit`` nearest indexed documents of each query, closest first.
 
         ``match.scores['cosine'].value`` is the cosine distance; ``filter`` uses the indexer's tag
-        columns, e.g. ``{'color': {'$eq': 'red'}}``.
+        columns, e.g. ``{'color': {'$eq': 'red'}}``; ``max_distance`` keeps only matches at most
+        that distance (``0.0``: exact matches only), so a query may get fewer than ``limit``.
         """
-        return _run(self.asearch(inputs, limit, filter, batch_size, show_progress))
+        return _run(self.asearch(inputs, limit, filter, batch_size, show_progress, max_distance))
 
     def rank(
         self, docs: Iterable[Document], batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
@@ -133,11 +135,14 @@ class Client:
         filter: Optional[dict] = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
         show_progress: Optional[bool] = None,
+        max_distance: Optional[float] = None,
     ) -> DocumentArray:
         """``search`` for asyncio code."""
         parameters: dict = {'limit': limit}
         if filter is not None:
             parameters['filter'] = filter
+        if max_distance is not None:
+            parameters['max_distance'] = max_distance
         return await self._post('/search', inputs, batch_size, show_progress, parameters)
 
     async def arank(

@@ -6,6 +6,7 @@ would be served.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,6 +20,21 @@ INDEXER_CLASS = 'AnnLiteIndexer'
 GATEWAY_MODULE = 'clip_search.gateway'  # Jina's gateway with an all-or-nothing /update, one class per protocol
 GATEWAY_CLASSES = {'grpc': 'CheckedGRPCGateway', 'http': 'CheckedHTTPGateway', 'websocket': 'CheckedWebSocketGateway'}
 SHARDED_ENDPOINTS = ('/search', '/update', '/delete', '/status')  # must reach every shard
+MERGER_CLASS = 'ShardMerger'
+# the modules of our executors, by class (the merger runs in the indexer's deployment)
+OWN_MODULES = {
+    ENCODER_CLASS: ['clip_search.executors.clip_encoder'],
+    INDEXER_CLASS: ['clip_search.executors.annlite_indexer', 'clip_search.executors.shard_merger'],
+}
+# clip-as-service's executors, which its docs' Flows name: ours serve them (clip-server cannot be
+# installed beside open_clip 3, and annlite's executor buffers /index in a thread)
+UPSTREAM_MODULES = {
+    'clip_server.executors.clip_torch': ENCODER_CLASS,
+    'annlite.executor': INDEXER_CLASS,
+}
+# the design card's polling, for an indexer whose YAML gives none (Jina's default, ANY everywhere,
+# would send each search to one shard)
+CARD_POLLING = {'/index': 'ANY', '/search': 'ALL', '/update': 'ALL', '/delete': 'ALL', '/status': 'ALL'}
 
 
 class FlowConfigError(ValueError):
@@ -65,8 +81,13 @@ def load_flow_config(
     config = yaml.safe_load(flow_file.read_text())
     if not isinstance(config, dict) or not isinstance(config.get('executors'), list):
         raise FlowConfigError(f'{flow_file} is not a Flow YAML with a list of executors')
+    served = [served for executor in config['executors'] for served in normalise_executor(executor)]
+    if served:
+        named = ' and '.join(f'{module}.{UPSTREAM_MODULES[module]}' for module in dict.fromkeys(served))
+        print(f'clip-search: {flow_file.name} names clip-as-service\'s {named}: clip-search\'s own serve them', file=sys.stderr)
     encoder = find_executor(config, ENCODER_CLASS, flow_file)
     indexer = find_executor(config, INDEXER_CLASS, flow_file)
+    complete_indexer(indexer)
     if port is not None:
         _section(config, 'with')['port'] = port
     if protocol is not None:
@@ -136,6 +157,46 @@ def use_checked_gateway(config: dict) -> None:
     gateway['uses'] = GATEWAY_CLASSES[protocol]
     gateway['py_modules'] = [*(gateway.get('py_modules') or []), GATEWAY_MODULE]
     _section(gateway, 'uses_with')['indexer'] = indexer.setdefault('name', 'indexer')
+def normalise_executor(executor: dict) -> list[str]:
+    """Bring an executor entry to one syntax, ``uses: CLASS`` + ``uses_with`` + ``py_modules``; return
+    the clip-as-service modules it named (now served by ours).
+
+    Jina also takes ``uses: {jtype: CLASS, with: {...}, metas: {py_modules: [...]}, workspace: ...}``,
+    the syntax of clip-as-service's docs. Its settings are kept: ``with`` joins ``uses_with`` (which
+    wins, as in Jina), ``metas`` join ``uses_metas``, ``workspace`` moves beside ``uses`` unless one
+    is there already.
+    """
+    uses = executor.get('uses')
+    if isinstance(uses, dict):
+        executor['uses'] = str(uses.get('jtype') or '')
+        executor['uses_with'] = {**(uses.get('with') or {}), **(executor.get('uses_with') or {})}
+        executor['uses_metas'] = {**(uses.get('metas') or {}), **(executor.get('uses_metas') or {})}
+        if uses.get('workspace') is not None:
+            executor.setdefault('workspace', uses['workspace'])
+    metas = executor.get('uses_metas') or {}
+    modules = _as_list(executor.get('py_modules')) + _as_list(metas.pop('py_modules', None))
+    served = [module for module in modules if module in UPSTREAM_MODULES]
+    own = OWN_MODULES.get(class_name(executor.get('uses', '')))
+    if own is not None:  # ours, whatever module the YAML names for it
+        modules = own + [m for m in modules if m not in own and m not in UPSTREAM_MODULES]
+    if modules:
+        executor['py_modules'] = modules
+    for key in ('uses_with', 'uses_metas'):
+        if key in executor and not executor[key]:
+            del executor[key]
+    return served
+
+
+def complete_indexer(indexer: dict) -> None:
+    """What a sharded indexer needs and a YAML written for clip-as-service leaves out: the merger
+    after the shards (Jina's reduce only concatenates their matches) and the card's polling."""
+    if not indexer.get('uses_after'):
+        indexer['uses_after'] = MERGER_CLASS
+    polling = indexer.get('polling')
+    if polling is None:
+        indexer['polling'] = dict(CARD_POLLING)
+    elif isinstance(polling, dict) and '*' not in polling:  # endpoints it does not name: the card's, not Jina's ANY
+        indexer['polling'] = {**CARD_POLLING, **polling}
 
 
 def set_index_dimension(config: dict, embed_dim: int, model_name: str) -> None:
@@ -178,6 +239,12 @@ def _section(mapping: dict, key: str) -> dict:
     if not mapping.get(key):
         mapping[key] = {}
     return mapping[key]
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _keep_executors_on_loopback(config: dict) -> None:

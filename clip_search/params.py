@@ -1,5 +1,5 @@
-"""Search request parameters (``limit``, ``filter``): checked once, the same way by the indexer, the
-merger and the web page, with errors that name the parameter."""
+"""Search request parameters (``limit``, ``filter``, ``max_distance``): checked once, the same way by
+the indexer, the merger and the web page, with errors that name the parameter."""
 
 from __future__ import annotations
 
@@ -16,6 +16,30 @@ def validate_limit(limit: Any) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 0 < limit <= MAX_LIMIT:
         raise ValueError(f'parameter limit={limit!r} must be an integer from 1 to {MAX_LIMIT}')
     return limit
+
+
+def validate_max_distance(max_distance: Any) -> Optional[float]:
+    """``max_distance`` as a float of at least 0, or None when not given (no cut-off); else raise."""
+    if max_distance is None:
+        return None
+    if isinstance(max_distance, bool) or not isinstance(max_distance, (int, float)) or not max_distance >= 0:
+        raise ValueError(
+            f'parameter max_distance={max_distance!r} must be a number of at least 0 '
+            f'(a cosine distance, from 0 for exact matches only to 2)'
+        )
+    return float(max_distance)
+
+
+# float32 rounding: a vector's cosine distance to itself can come out as 6e-8 rather than 0
+EXACT_DISTANCE = 1e-6
+
+
+def within_distance(distance: float, max_distance: Optional[float]) -> bool:
+    """Whether a match at cosine ``distance`` is kept by the cut-off (None keeps all).
+
+    Distances are clamped at 0 (an exact match's is 0, sent as -0.0), so 0 keeps exact matches only.
+    """
+    return max_distance is None or distance <= max_distance + EXACT_DISTANCE
 
 
 def validate_search_parameters(

@@ -17,7 +17,7 @@ import numpy as np
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
-from clip_search.params import DEFAULT_LIMIT, validate_search_parameters
+from clip_search.params import DEFAULT_LIMIT, validate_max_distance, validate_search_parameters, within_distance
 from clip_search.sharding import (
     ALL,
     ANY,
@@ -182,6 +182,7 @@ class AnnLiteIndexer(Executor):
         limit, search_filter = validate_search_parameters(
             parameters, self.default_limit, [name for name, _ in self.columns]
         )
+        max_distance = validate_max_distance(parameters.get('max_distance'))
         self._check_embeddings(docs)
         if self._index.total_docs == 0:
             for doc in docs:
@@ -194,6 +195,7 @@ class AnnLiteIndexer(Executor):
                     _finish_match(match, match.scores['cosine'].value)
         else:
             self._search_unfiltered(docs, limit)
+        _keep_within(docs, max_distance)
         return docs
 
     def _search_unfiltered(self, docs: DocumentArray, limit: int) -> None:
@@ -283,6 +285,14 @@ def _last_of_each_id(docs) -> DocumentArray:
         by_id.pop(doc.id, None)
         by_id[doc.id] = doc
     return DocumentArray(by_id.values())
+
+
+def _keep_within(docs: DocumentArray, max_distance: Optional[float]) -> None:
+    """Drop the matches farther than the request's ``max_distance`` (None keeps them all)."""
+    if max_distance is None:
+        return
+    for doc in docs:
+        doc.matches = DocumentArray(m for m in doc.matches if within_distance(m.scores['cosine'].value, max_distance))
 
 
 def _finish_match(match: Document, distance: float) -> None:

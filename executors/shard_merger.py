@@ -4,12 +4,13 @@ Jina's built-in reduce concatenates the shards' matches (3 shards x limit 10 = 3
 matches), so the global top-k has to be computed here.
 """
 
+import logging
 from typing import Iterable, List, Optional
 
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
-from clip_search.params import DEFAULT_LIMIT
+from clip_search.params import DEFAULT_LIMIT, validate_max_distance, within_distance
 from clip_search.sharding import (
     DEFAULT_INDEX_POLLING,
     answering_shards,
@@ -19,6 +20,21 @@ from clip_search.sharding import (
     refuse_unheld,
     split_shard_answers,
 )
+
+
+class _InheritedSettingsFilter(logging.Filter):
+    """Drop Jina's warning that the merger does not take the indexer's settings (n_dim, columns, ...).
+
+    As the indexer's ``uses_after``, the merger receives the indexer's ``uses_with`` (Jina gives it
+    no settings of its own) and uses only ``limit`` and ``index_polling``: the warning is expected
+    and would only puzzle.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return 'are not defined in `ShardMerger.__init__`' not in record.getMessage()
+
+
+logging.getLogger('JINA').addFilter(_InheritedSettingsFilter())  # Jina's default_logger
 
 
 class ShardMerger(Executor):
@@ -43,9 +59,11 @@ class ShardMerger(Executor):
             return None
         docs_matrix = split_shard_answers(docs_matrix, self.shards)
         limit = int(parameters.get('limit') or self.default_limit)
+        max_distance = validate_max_distance(parameters.get('max_distance'))
         queries = _first_of_each_id(docs_matrix)
         for query in queries:
             candidates = [m for answer in docs_matrix if query.id in answer for m in answer[query.id].matches]
+            candidates = [m for m in candidates if within_distance(_distance(m), max_distance)]
             query.matches = DocumentArray(_top_unique(candidates, limit))
         return queries
 

@@ -93,6 +93,24 @@ def test_search_api_ranks_matches_by_ascending_distance(web):
 
 
 @pytest.mark.slow
+def test_search_api_max_distance_cuts_where_it_says(web):
+    url, _ = web
+    ranked = search(url, query='a green star', limit=12).json()['matches']
+    distances = [m['distance'] for m in ranked]
+    cut = (distances[2] + distances[3]) / 2
+    answer = search(url, query='a green star', limit=12, max_distance=cut).json()
+    assert answer['max_distance'] == cut and [m['id'] for m in answer['matches']] == [m['id'] for m in ranked[:3]]
+    # 0.0: the indexed text 'a green star' alone (two documents carry it: both are exact)
+    exact = search(url, query='a green star', limit=12, max_distance=0).json()['matches']
+    assert exact and all(m['text'] == 'a green star' and m['distance'] == pytest.approx(0, abs=1e-6) for m in exact)
+    drawing = png_of('blue', 'square', seed=2024)  # a form sends it as a string
+    uploaded = requests.post(
+        f'{url}/api/search', files={'image': ('q.png', drawing, 'image/png')}, data={'limit': '12', 'max_distance': f'{cut}'}, timeout=60
+    ).json()
+    assert uploaded['max_distance'] == cut and all(m['distance'] <= cut + 1e-6 for m in uploaded['matches'])
+
+
+@pytest.mark.slow
 def test_search_by_an_uploaded_image(web):
     url, _ = web
     drawing = png_of('blue', 'square', seed=2024)
@@ -136,6 +154,9 @@ def test_filter_syntax_maps_to_the_indexer_filters():
         ({'query': '   '}, 'query'),
         ({'image': 'data:image/png;base64,' + base64.b64encode(b'not an image').decode()}, 'image'),
         ({'query': 'a red circle', 'filter': '{"color": '}, 'filter'),
+        ({'query': 'a red circle', 'max_distance': -0.5}, 'max_distance=-0.5 must be a number of at least 0'),
+        ({'query': 'a red circle', 'max_distance': 'near'}, "max_distance='near' must be a number of at least 0"),
+        ({'query': 'a red circle', 'max_distance': True}, 'max_distance=True must be a number of at least 0'),
     ],
 )
 def test_bad_requests_are_refused_naming_the_parameter(web, body, named):
@@ -212,6 +233,8 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         assert browser.execute_script('return arguments[0].naturalWidth', first_image) > 0
         shown = [float(card.find_element(By.CLASS_NAME, 'distance').text) for card in cards]
         assert shown == sorted(shown)
+        ranked_ids = [card.get_attribute('data-id') for card in cards]
+        exact_distances = [float(card.get_attribute('data-distance')) for card in cards]  # unrounded
         text_card = next(card for card in cards if 'is-text' in card.get_attribute('class'))
         assert text_card.find_element(By.CLASS_NAME, 'caption').text.strip('“”') in TEXTS
         assert browser.current_url.endswith('?q=a%20red%20circle')
@@ -226,6 +249,13 @@ def test_the_page_in_a_real_browser(web, tmp_path):
         assert "unknown columns ['size']" in browser.find_element(By.ID, 'error').text
 
         browser.find_element(By.ID, 'filter').clear()
+        # the cut-off beside "Results": only matches at most that distance, fewer than the 12 asked for
+        cut = (exact_distances[1] + exact_distances[2]) / 2
+        browser.find_element(By.ID, 'max-distance').send_keys(repr(cut))
+        cards = after_search(browser, browser.find_element(By.ID, 'search-button').click)
+        assert [card.get_attribute('data-id') for card in cards] == ranked_ids[:2]
+        browser.find_element(By.ID, 'max-distance').clear()
+
         drawing = tmp_path / 'a new blue square.png'
         drawing.write_bytes(png_of('blue', 'square', seed=2024))
         pick = browser.find_element(By.ID, 'image-input')

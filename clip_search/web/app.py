@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from clip_search.client import Client, RequestError
 from clip_search.media import BadDocumentError, decode_data_uri, load_image
-from clip_search.params import DEFAULT_LIMIT, validate_limit
+from clip_search.params import DEFAULT_LIMIT, validate_limit, validate_max_distance
 
 STATIC_DIR = Path(__file__).resolve().parent / 'static'
 MAX_UPLOAD_BYTES = 16 * 2**20
@@ -155,6 +155,21 @@ def parse_limit(value: Any) -> int:
         raise BadRequest(str(exc).removeprefix('parameter ')) from None
 
 
+def parse_max_distance(value: Any) -> Optional[float]:
+    """The cut-off: a cosine distance of at least 0, or None (a form sends a numeric string, '' for none)."""
+    if value is None or value == '':
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass  # refused below, by name
+    try:
+        return validate_max_distance(value)
+    except ValueError as exc:
+        raise BadRequest(str(exc).removeprefix('parameter ')) from None
+
+
 def image_query(data: bytes, source: str = 'image') -> Document:
     """An uploaded image as a query Document; refuse what is empty, too big or not an image."""
     if not data:
@@ -183,11 +198,11 @@ def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int 
 
     async def search(request: Request) -> Response:
         try:
-            query, limit, search_filter = await _read_search_request(request)
+            query, limit, search_filter, max_distance = await _read_search_request(request)
         except BadRequest as exc:
             return _error(400, str(exc))
         try:
-            results = await client.asearch([query], limit=limit, filter=search_filter)
+            results = await client.asearch([query], limit=limit, filter=search_filter, max_distance=max_distance)
         except RequestError as exc:
             return _error(400, exc.reason)
         except Exception as exc:  # the Flow is down or unreachable: not the caller's fault
@@ -202,6 +217,7 @@ def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int 
             'query': query.text or '<image>',
             'limit': limit,
             'filter': search_filter,
+            'max_distance': max_distance,
             'matches': matches,
         })  # fmt: skip
 
@@ -238,8 +254,8 @@ def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int 
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-async def _read_search_request(request: Request) -> tuple[Document, int, Optional[dict]]:
-    """(query, limit, filter) from a multipart form (the page's image upload) or else a JSON body."""
+async def _read_search_request(request: Request) -> tuple[Document, int, Optional[dict], Optional[float]]:
+    """(query, limit, filter, max_distance) from a multipart form (the page's image upload) or else a JSON body."""
     content_type = request.headers.get('content-type', '')
     if content_type.startswith('multipart/form-data'):
         form = await request.form(max_files=1, max_fields=10)
@@ -253,7 +269,8 @@ async def _read_search_request(request: Request) -> tuple[Document, int, Optiona
             raise BadRequest('the body must be a JSON object like {"query": "...", "limit": 5}')
     limit = parse_limit(fields.get('limit'))
     search_filter = parse_filter(fields.get('filter'))
-    return await _query_document(fields), limit, search_filter
+    max_distance = parse_max_distance(fields.get('max_distance'))
+    return await _query_document(fields), limit, search_filter, max_distance
 
 
 async def _query_document(fields: dict) -> Document:

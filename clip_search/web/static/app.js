@@ -34,15 +34,22 @@ function setImage(file) {
 function requestBody() {
   const limit = $('limit').value.trim();
   const filter = $('filter').value.trim();
+  const maxDistance = $('max-distance').value.trim();
   if (queryImage) {
     const data = new FormData();
     data.append('image', queryImage, queryImage.name || 'image');
     data.append('limit', limit);
     data.append('filter', filter);
+    data.append('max_distance', maxDistance);
     return {body: data};
   }
   return {
-    body: JSON.stringify({query: queryInput.value, limit: limit === '' ? null : Number(limit), filter}),
+    body: JSON.stringify({
+      query: queryInput.value,
+      limit: limit === '' ? null : Number(limit),
+      filter,
+      max_distance: maxDistance === '' ? null : Number(maxDistance),
+    }),
     headers: {'Content-Type': 'application/json'},
   };
 }
