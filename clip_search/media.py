@@ -187,6 +187,8 @@ def _read_path(doc, path_text: str, policy: MediaPolicy) -> bytes:
             f'with --allow-path DIR to let it read files under DIR',
         )
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: opening a FIFO would wait for a writer
+            raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is not a regular file')
         with open(path, 'rb') as file:
             info = os.fstat(file.fileno())
             if not stat.S_ISREG(info.st_mode):
