@@ -45,6 +45,20 @@ def test_acknowledged_documents_survive_kill_9_of_every_process(tmp_path, servic
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_every_process_cleanly_and_keeps_the_index(tmp_path, service_factory):
+    workspace = tmp_path / 'workspace'
+    service = service_factory(shards=3, workspace=workspace)
+    service.client().index([Document(id=f'c-{i}', text=f'interrupted sentence {i}') for i in range(30)])
+    os.killpg(service.process.pid, signal.SIGINT)  # what Ctrl-C in a terminal sends: the whole foreground group
+    assert service.process.wait(timeout=60) == 0
+    assert 'clip-search stopped; the index is saved in its workspace' in service.log()
+    assert service.processes() == []  # nothing left behind
+    client = service_factory(shards=3, workspace=workspace).client()
+    assert client.status()['documents'] == 30
+    assert client.search(['interrupted sentence 12'], limit=1)[0].matches[0].id == 'c-12'
+
+
+@pytest.mark.slow
 def test_a_dead_shard_is_named_in_errors_and_serves_again_after_restart(tmp_path, service_factory):
     workspace = tmp_path / 'workspace'
     service = service_factory(shards=3, workspace=workspace, extra_args=('--no-exit-on-failure',))
