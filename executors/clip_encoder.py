@@ -26,7 +26,7 @@ class CLIPEncoder(Executor):
 
     The handlers are coroutines that run the work in threads: Jina runs a synchronous handler
     under one lock per executor, so a single slow image URL would hold every other request.
-    ``/status`` and ``/delete`` have no handler here, so the gateway sends them past the encoder.
+    ``/status`` and ``/delete`` have no handler here: they pass the encoder untouched, running nothing.
     """
 
     def __init__(

@@ -45,13 +45,24 @@ def refusal(service, endpoint: str, docs: list) -> str:
 
 
 class ImageServer:
-    """An HTTP server on 127.0.0.1: ``/img.png`` answers a PNG, ``/drip.png`` one byte a second."""
+    """An HTTP server on 127.0.0.1: ``/img.png`` answers a PNG, ``/drip.png`` one byte a second,
+    ``/huge.png`` announces a gigabyte, ``/hop.png`` redirects to a private address."""
 
     def __init__(self):
         image = png_bytes(7)
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
+                if self.path == '/hop.png':
+                    self.send_response(302)
+                    self.send_header('Location', 'http://10.1.2.3/internal.png')
+                    self.end_headers()
+                    return
+                if self.path == '/huge.png':
+                    self.send_response(200)
+                    self.send_header('Content-Length', str(2**30))
+                    self.end_headers()
+                    return
                 self.send_response(200)
                 self.send_header('Content-Type', 'image/png')
                 self.send_header('Content-Length', str(len(image)))
@@ -150,6 +161,10 @@ def test_a_loopback_url_is_refused_until_its_host_is_allowed(closed, opened, ima
     for uri in ('http://localhost:9/x.png', 'http://[::1]:9/x.png', 'http://169.254.169.254/x.png', 'http://10.1.2.3/x.png'):
         assert '--allow-host' in refusal(closed, '/index', [Document(id='private', uri=uri)]), uri
 
+    error = refusal(opened, '/index', [Document(id='huge', uri=f'{image_server.url}/huge.png')])
+    assert error.endswith(f"could not be fetched (it is larger than 52428800 bytes ({2**30}))")  # refused before reading
+    error = refusal(opened, '/index', [Document(id='hop', uri=f'{image_server.url}/hop.png')])
+    assert "document 'hop'" in error and '(or a redirect of it)' in error  # 10.x is not allowed, even by a redirect
     raw_post(opened, '/index', [Document(id='by-url', uri=url)])
     match = Client(opened.address).search([Document(blob=png_bytes(7))], limit=1)[0].matches[0]
     assert (match.id, match.uri) == ('by-url', url)
