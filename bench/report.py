@@ -30,13 +30,13 @@ def markdown(results: dict) -> str:
         '',
         'Versions: ' + ', '.join(f'{k} {v}' for k, v in m['versions'].items()) + f'; clip_server: {m["clip_server"]}.',
         '',
-        f'**Summary**: encode {s["encode_vs_clip_server"]:.2f}x clip_server (geometric mean of text and image), '
+        f'**Summary**: encode {_num(s["encode_vs_clip_server"])}x clip_server (geometric mean of text and image), '
         f'search {s["search_qps_vs_hnswlib"]:.2f}x hnswlib QPS at recall@10 {s["recall@10"]:.3f}, '
         f'Flow overhead {s["flow_overhead_p50_ms"]:.1f} ms p50 per search (1 shard, gRPC, over a direct indexer call).',
         '',
         f'## Encode: our CLIPEncoder vs clip_server\'s, {e["model"]}',
         '',
-        f'Same weights (lowest cosine between their embeddings of the same inputs: {e["min_cosine_ours_vs_clip_server"]:.6f}), '
+        f'Same weights (lowest cosine between their embeddings of the same inputs: {_num(e["min_cosine_ours_vs_clip_server"], ".6f")}), '
         f'minibatch {e["minibatch_size"]}, {e["torch_threads"]} torch threads, each in its own process, measured turn by turn '
         f'({e["text"]["rounds"]} rounds; the ratio is the median of the paired rounds).',
         '',
@@ -45,7 +45,7 @@ def markdown(results: dict) -> str:
     ]
     for kind, label in (('text', 'texts (4-20 words)'), ('image', 'images (640x480 JPEG)')):
         row = e[kind]
-        lines.append(f'| {label} | {row["docs"]} | {row["ours_docs_per_s"]:.1f} | {row["clip_server_docs_per_s"]:.1f} | {row["ratio"]:.2f} |')
+        lines.append(f'| {label} | {row["docs"]} | {row["ours_docs_per_s"]:.1f} | {_num(row["clip_server_docs_per_s"], ".1f")} | {_num(row["ratio"])} |')
     size, hnsw = results['size'], results['hnsw']
     lines += [
         '',
@@ -102,6 +102,11 @@ def markdown(results: dict) -> str:
     return '\n'.join(lines)
 
 
+def _num(value, spec: str = '.2f') -> str:
+    """A figure, or n/a when it was not measured (clip_server left out with --no-clip-server)."""
+    return 'n/a' if value is None else format(value, spec)
+
+
 def _load(load: list) -> str:
     return '/'.join(f'{x:.1f}' for x in load)
 
@@ -113,8 +118,8 @@ def plot_overview(results: dict, path: Path) -> None:
     kinds = ['text', 'image']
     width = 0.38
     for offset, (name, key) in zip((-width / 2, width / 2), (('ours', 'ours_docs_per_s'), ('clip_server', 'clip_server_docs_per_s'))):
-        enc.bar([i + offset for i in range(2)], [e[k][key] for k in kinds], width, label=name)
-    enc.set_xticks(range(2), [f'{k}\n(ours {e[k]["ratio"]:.2f}x)' for k in kinds])
+        enc.bar([i + offset for i in range(2)], [e[k][key] or 0 for k in kinds], width, label=name)  # 0: not measured
+    enc.set_xticks(range(2), [f'{k}\n(ours {_num(e[k]["ratio"])}x)' for k in kinds])
     enc.set_ylabel('docs/s')
     enc.set_title('Encode, ViT-B-32 (CPU)')
     enc.legend()

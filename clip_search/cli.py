@@ -19,9 +19,17 @@ from typing import Iterator, NoReturn, Optional, Sequence
 
 import yaml
 
-from clip_search.flowconfig import DEFAULT_FLOW, FlowConfigError, build_flow, model_name_of, prepare_flow_config
+from clip_search.flowconfig import (
+    DEFAULT_FLOW,
+    FlowConfigError,
+    build_flow,
+    media_policy_of,
+    model_name_of,
+    prepare_flow_config,
+)
 from clip_search.models import ModelUnavailableError
 from clip_search.web.server import WebServerError, bind_web_socket
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -57,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
         '--web-port', type=int, help='also serve a search page and a JSON API (/api/search) over HTTP on this port'
     )
     parser.add_argument('--web-host', help='address the web page binds to (default: the same as --host)')
+    parser.add_argument(
+        '--allow-path', action='append', default=[], metavar='DIR',
+        help='let a document\'s uri name files under DIR on the server (repeatable; by default the server opens no path a request names)',
+    )  # fmt: skip
+    parser.add_argument(
+        '--allow-host', action='append', default=[], metavar='HOST',
+        help='let the server fetch image URLs of HOST (a name, an address or a network) although it is loopback, '
+        'private or link-local (repeatable; by default only public addresses are fetched)',
+    )
     parser.add_argument(
         '--exit-on-failure',
         action=argparse.BooleanOptionalAction,
@@ -198,7 +215,8 @@ def _web_page(web_socket: Optional[socket.socket], config: dict, scheme: str, ga
 
     host = (config.get('gateway') or {}).get('host')
     gateway_host = '127.0.0.1' if host in (None, '', '0.0.0.0', '::') else host
-    return serve_web_page(web_socket, f'{scheme}://{gateway_host}:{gateway_port}', model=model_name_of(config))
+    url = f'{scheme}://{gateway_host}:{gateway_port}'
+    return serve_web_page(web_socket, url, model=model_name_of(config), media=media_policy_of(config))
 
 
 def _dead_executors(executors: dict[int, str]) -> list[str]:
@@ -234,6 +252,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             protocol=args.protocol,
+            allow_paths=args.allow_path,
+            allow_hosts=args.allow_host,
         )
         web_socket = open_web_port(config, args.web_port, args.web_host)
     except (ModelUnavailableError, FlowConfigError, WebServerError, OSError, yaml.YAMLError) as exc:

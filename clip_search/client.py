@@ -277,8 +277,14 @@ def _server_reason(exc: Exception) -> str:
 
 
 def to_document(item: Input) -> Document:
-    """A string becomes an image Document when it names an image (path, URL, data URI), else text."""
+    """A string becomes an image Document when it names an image (path, URL, data URI), else text.
+
+    A local file, named by a string or by a Document's uri, is sent as bytes (as clip_client does):
+    the server opens no path a request names unless it was started with ``--allow-path``.
+    """
     if isinstance(item, Document):
+        if item.uri and not (item.blob or item.text or item.tensor is not None) and _local_image(item):
+            item.blob = Path(item.uri).expanduser().read_bytes()
         return item
     if not isinstance(item, str):
         raise TypeError(f'cannot index {type(item).__name__} {item!r}: pass str or Document')
@@ -292,6 +298,12 @@ def to_document(item: Input) -> Document:
     if path.is_file():  # the server may be elsewhere: send the bytes, keep the path for display
         doc.blob = path.read_bytes()
     return doc
+
+
+def _local_image(doc: Document) -> bool:
+    """Whether the document's uri is a file here that may be an image (a .txt is left for the server to refuse)."""
+    mime = doc.mime_type or mimetypes.guess_type(doc.uri)[0] or 'image/'
+    return mime.startswith('image/') and Path(doc.uri).expanduser().is_file()
 
 
 def _documents(inputs: Inputs) -> Iterator[Document]:

@@ -42,7 +42,8 @@ def run_demo(server: str, image_dir: Path, limit: int = 3) -> DocumentArray:
     """Index the demo images and texts, then search by text and by image; return the results."""
     client = Client(server)
     images = write_demo_collection(image_dir, n_per_class=1, seed=0)
-    client.index([Document(id=f'image:{p.name}', uri=str(p.resolve())) for p in images])
+    # the bytes travel with the path: the server opens no path a request names (unless --allow-path)
+    client.index([Document(id=f'image:{p.name}', uri=str(p.resolve()), blob=p.read_bytes()) for p in images])
     client.index([Document(id=f'text:{t}', text=t) for t in DEMO_TEXTS])
     print(f'indexed {len(images)} images from {image_dir} and {len(DEMO_TEXTS)} texts\n')
     results = client.search(DEMO_QUERIES, limit=limit)

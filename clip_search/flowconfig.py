@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import yaml
 
@@ -75,8 +75,10 @@ def load_flow_config(
     tls_cert: Optional[str] = None,
     tls_key: Optional[str] = None,
     protocol: Optional[str] = None,
+    allow_paths: Sequence[str] = (),
+    allow_hosts: Sequence[str] = (),
 ) -> dict:
-    """Read the Flow YAML and apply the command-line overrides."""
+    """Read the Flow YAML and apply the command-line overrides (``allow_*`` add to the YAML's lists)."""
     flow_file = resolve_flow_file(flow_file)
     config = yaml.safe_load(flow_file.read_text())
     if not isinstance(config, dict) or not isinstance(config.get('executors'), list):
@@ -100,6 +102,7 @@ def load_flow_config(
     _keep_executors_on_loopback(config)
     if model is not None:
         _section(encoder, 'uses_with')['name'] = model
+    _allow(_section(encoder, 'uses_with'), allow_paths, allow_hosts)
     if shards is not None:
         if shards < 1:
             raise FlowConfigError(f'--shards must be at least 1, not {shards}')
@@ -157,6 +160,8 @@ def use_checked_gateway(config: dict) -> None:
     gateway['uses'] = GATEWAY_CLASSES[protocol]
     gateway['py_modules'] = [*(gateway.get('py_modules') or []), GATEWAY_MODULE]
     _section(gateway, 'uses_with')['indexer'] = indexer.setdefault('name', 'indexer')
+
+
 def normalise_executor(executor: dict) -> list[str]:
     """Bring an executor entry to one syntax, ``uses: CLASS`` + ``uses_with`` + ``py_modules``; return
     the clip-as-service modules it named (now served by ours).
@@ -197,6 +202,26 @@ def complete_indexer(indexer: dict) -> None:
         indexer['polling'] = dict(CARD_POLLING)
     elif isinstance(polling, dict) and '*' not in polling:  # endpoints it does not name: the card's, not Jina's ANY
         indexer['polling'] = {**CARD_POLLING, **polling}
+
+
+def _allow(encoder_with: dict, paths: Sequence[str], hosts: Sequence[str]) -> None:
+    """Add ``--allow-path`` directories (absolute, as the encoder process sees them) and ``--allow-host`` names."""
+    for path in paths:
+        if not Path(path).expanduser().is_dir():
+            raise FlowConfigError(f'--allow-path {path}: no such directory')
+    if paths:
+        encoder_with['allow_paths'] = [*(encoder_with.get('allow_paths') or []), *(str(Path(p).expanduser().resolve()) for p in paths)]
+    if hosts:
+        encoder_with['allow_hosts'] = [*(encoder_with.get('allow_hosts') or []), *hosts]
+
+
+def media_policy_of(config: dict):
+    """What the encoder may read and fetch (its ``allow_paths``, ``allow_hosts``, ``uri_timeout``): the web page reads no more."""
+    from clip_search.media import MediaPolicy
+
+    settings = find_executor(config, ENCODER_CLASS).get('uses_with') or {}
+    keys = ('allow_paths', 'allow_hosts', 'uri_timeout')
+    return MediaPolicy.create(**{key: settings[key] for key in keys if settings.get(key) is not None})
 
 
 def set_index_dimension(config: dict, embed_dim: int, model_name: str) -> None:

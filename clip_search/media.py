@@ -1,23 +1,38 @@
 """Turning a document's content into something the model can eat: a text or a PIL image.
 
-docarray can load URIs too, but without a timeout for http(s) and with errors that do not say
-which document failed; a search service needs both, so loading is done here.
+docarray can load URIs too, but it opens any path and fetches any URL with no deadline, and its
+errors do not say which document failed; a service that anyone on its port can call needs
+bounds and names, so loading is done here, under a ``MediaPolicy``.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
+import http.client
 import io
+import ipaddress
 import mimetypes
+import os
+import socket
+import ssl
+import stat
+import threading
+import time
 import urllib.parse
-import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-DEFAULT_URI_TIMEOUT = 5.0  # seconds to connect to and read an http(s) image
-MAX_IMAGE_BYTES = 50 * 2**20
+DEFAULT_URI_TIMEOUT = 5.0  # seconds for a whole http(s) fetch: DNS, connect, headers and body
+MAX_IMAGE_BYTES = 50 * 2**20  # bytes of one image file or download
+MAX_IMAGE_PIXELS = 50_000_000  # pixels of one decoded image (150 MB as RGB); Pillow's own bomb check is at 179M
+MAX_REDIRECTS = 5
+# getaddrinfo has no timeout of its own: it runs here so that a fetch can stop waiting for it
+_DNS_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix='clip-search-dns')
 
 
 class BadDocumentError(ValueError):
@@ -27,6 +42,47 @@ class BadDocumentError(ValueError):
         super().__init__(f'document {doc_id!r}: {reason}')
         self.doc_id = doc_id
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class MediaPolicy:
+    """What the server may read when a document names a uri instead of carrying its bytes.
+
+    By default nothing: no path is opened and only public http(s) addresses are fetched.
+    ``allow_paths`` are directories (resolved after symlinks) whose files may be read;
+    ``allow_hosts`` are host names, IP addresses or networks (``10.0.0.0/8``) that may be fetched
+    although they are loopback, private, link-local or unspecified.
+    """
+
+    allow_paths: tuple[Path, ...] = ()
+    allow_hosts: frozenset[str] = frozenset()
+    allow_networks: tuple = field(default=(), repr=False)
+    uri_timeout: float = DEFAULT_URI_TIMEOUT
+
+    @classmethod
+    def create(
+        cls, allow_paths: Iterable[str] = (), allow_hosts: Iterable[str] = (), uri_timeout: float = DEFAULT_URI_TIMEOUT
+    ) -> 'MediaPolicy':
+        """A policy from the settings as the YAML or the command line give them."""
+        hosts, networks = set(), []
+        for host in allow_hosts or ():
+            try:
+                networks.append(ipaddress.ip_network(str(host).strip('[]'), strict=False))
+            except ValueError:
+                hosts.add(str(host).lower().rstrip('.'))
+        paths = tuple(Path(p).expanduser().resolve() for p in allow_paths or ())
+        return cls(paths, frozenset(hosts), tuple(networks), float(uri_timeout))
+
+    def allows_path(self, path: Path) -> bool:
+        return any(path == root or root in path.parents for root in self.allow_paths)
+
+    def allows_address(self, host: str, address: str) -> bool:
+        """Whether ``host``, resolved to ``address``, may be fetched: public, or allowed by name or network."""
+        ip = ipaddress.ip_address(address.split('%')[0])
+        ip = getattr(ip, 'ipv4_mapped', None) or ip  # ::ffff:127.0.0.1 is loopback too
+        if ip.is_global and not ip.is_multicast:
+            return True
+        return host.lower().rstrip('.') in self.allow_hosts or any(ip in net for net in self.allow_networks)
 
 
 def content_kind(doc, empty_as_text: bool = False) -> str:
@@ -42,18 +98,51 @@ def content_kind(doc, empty_as_text: bool = False) -> str:
     raise BadDocumentError(doc.id, 'it is empty (no text, uri, blob, tensor or embedding)')
 
 
-def load_image(doc, timeout: float = DEFAULT_URI_TIMEOUT) -> Image.Image:
-    """Return the document's image as RGB, from its tensor, blob or uri (in that order)."""
+def load_image(doc, policy: MediaPolicy = MediaPolicy()) -> Image.Image:
+    """Return the document's image as RGB, from its tensor, blob or uri (in that order).
+
+    Every failure (a refused uri, a fetch, a file, a decoder, a decompression bomb) is a
+    ``BadDocumentError`` naming the document.
+    """
     if doc.tensor is not None:
         return _image_from_tensor(doc)
-    data = doc.blob or _read_uri(doc, timeout)
+    data = doc.blob or _read_uri(doc, policy)
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        return decode_image(data)
+    except UnreadableImage as exc:
         what = 'its blob' if doc.blob else f'uri {_short(doc.uri)}'
-        raise BadDocumentError(doc.id, f'{what} is not a readable image ({exc})') from None
-    return image.convert('RGB')
+        raise BadDocumentError(doc.id, f'{what} {exc}') from None
+
+
+class UnreadableImage(ValueError):
+    """Bytes that are no image the server decodes; the message says why (``is not a readable image ...``)."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes to RGB; refuse what Pillow cannot read and more than MAX_IMAGE_PIXELS."""
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any pixel
+        width, height = image.size
+    except Image.DecompressionBombError as exc:  # sizes Pillow refuses before ours is checked
+        raise UnreadableImage(f'is an image of too many pixels ({exc})') from None
+    except Exception as exc:  # unknown format, truncated header: refused, never a traceback
+        raise UnreadableImage(f'is not a readable image ({exc})') from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnreadableImage(f'is an image of {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} the server decodes')
+    try:
+        image.load()
+        return image.convert('RGB')
+    except Exception as exc:  # truncated data, a decoder error, memory
+        raise UnreadableImage(f'is not a readable image ({type(exc).__name__}: {exc})') from None
+
+
+def jpeg_thumbnail(image: Image.Image, size: int) -> bytes:
+    """A JPEG of at most ``size`` pixels a side (about 4 KB at 128): what the index keeps of an image's bytes."""
+    small = image.copy()
+    small.thumbnail((size, size))
+    buffer = io.BytesIO()
+    small.save(buffer, format='JPEG', quality=85)
+    return buffer.getvalue()
 
 
 def _image_from_tensor(doc) -> Image.Image:
@@ -66,28 +155,51 @@ def _image_from_tensor(doc) -> Image.Image:
         raise BadDocumentError(
             doc.id, f'its tensor of shape {array.shape} is not an image (H x W x 3 or H x W)'
         )
+    if array.shape[0] * array.shape[1] > MAX_IMAGE_PIXELS:
+        raise BadDocumentError(doc.id, f'its tensor of shape {array.shape} has more than {MAX_IMAGE_PIXELS} pixels')
     if array.dtype != np.uint8:
         scale = 255.0 if array.max(initial=0) <= 1.0 else 1.0
         array = np.clip(array * scale, 0, 255).astype(np.uint8)
     return Image.fromarray(array).convert('RGB')
 
 
-def _read_uri(doc, timeout: float) -> bytes:
+def _read_uri(doc, policy: MediaPolicy) -> bytes:
     uri = doc.uri
     scheme = urllib.parse.urlparse(uri).scheme.lower()
     if scheme == 'data':
         return _read_data_uri(doc)
     _check_mime(doc)
     if scheme in ('http', 'https'):
-        return _read_http(doc, timeout)
+        return _read_http(doc, policy)
     if scheme in ('', 'file'):
-        path = Path(urllib.parse.urlparse(uri).path if scheme == 'file' else uri).expanduser()
-        if not path.is_file():
-            raise BadDocumentError(doc.id, f'file {_short(uri)} does not exist')
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise BadDocumentError(doc.id, f'file {_short(uri)} is larger than {MAX_IMAGE_BYTES} bytes')
-        return path.read_bytes()
+        return _read_path(doc, urllib.parse.unquote(urllib.parse.urlparse(uri).path) if scheme == 'file' else uri, policy)
     raise BadDocumentError(doc.id, f'uri scheme {scheme!r} is not supported (use a path, http(s) or data:)')
+
+
+def _read_path(doc, path_text: str, policy: MediaPolicy) -> bytes:
+    """A file under an allowed directory; anything else is refused before it is looked at."""
+    path = Path(path_text).expanduser().resolve()  # after symlinks: a link cannot lead out of an allowed directory
+    if not policy.allows_path(path):
+        raise BadDocumentError(
+            doc.id,
+            f'uri {_short(doc.uri)} is a path on the server, which opens no path a request names: send the '
+            f'image bytes (clip_search.Client and clip_client send local files so), or start the service '
+            f'with --allow-path DIR to let it read files under DIR',
+        )
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: opening a FIFO would wait for a writer
+            raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is not a regular file')
+        with open(path, 'rb') as file:
+            info = os.fstat(file.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is not a regular file')
+            if info.st_size > MAX_IMAGE_BYTES:
+                raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is larger than {MAX_IMAGE_BYTES} bytes')
+            return file.read(MAX_IMAGE_BYTES + 1)
+    except FileNotFoundError:
+        raise BadDocumentError(doc.id, f'file {_short(doc.uri)} does not exist') from None
+    except OSError as exc:  # permission denied, a directory, an I/O error
+        raise BadDocumentError(doc.id, f'file {_short(doc.uri)} cannot be read ({exc.strerror or exc})') from None
 
 
 def _check_mime(doc) -> None:
@@ -123,16 +235,164 @@ def decode_data_uri(uri: str) -> bytes:
         raise ValueError(f'data uri payload is not valid base64 ({exc})') from None
 
 
-def _read_http(doc, timeout: float) -> bytes:
-    request = urllib.request.Request(doc.uri, headers={'User-Agent': 'clip-search'})
+# -- http(s) ------------------------------------------------------------------------------------
+# urllib resolves and connects by itself (no check of the address it reaches, redirects included)
+# and its timeout bounds each socket read, not the fetch: hence http.client on a checked address.
+
+
+class _FetchError(Exception):
+    """A fetch failed; the text is what the user is told."""
+
+
+class _DeadlinePassed(_FetchError):
+    """The fetch did not end within ``uri_timeout``."""
+
+
+class _BlockedHost(Exception):
+    """The host resolves to an address the policy does not allow."""
+
+
+def _read_http(doc, policy: MediaPolicy) -> bytes:
+    """The body of an http(s) uri, within ``uri_timeout`` in total, at most MAX_IMAGE_BYTES."""
+    deadline = time.monotonic() + policy.uri_timeout
+    url = doc.uri
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            data = response.read(MAX_IMAGE_BYTES + 1)
-    except Exception as exc:  # URLError, HTTPError, timeouts, connection resets
+        for _ in range(MAX_REDIRECTS + 1):
+            status, location, body = _fetch_once(url, policy, deadline)
+            if location is None:
+                if status != 200:
+                    raise _FetchError(f'the server answered HTTP {status}')
+                return body
+            url = urllib.parse.urljoin(url, location)
+            if urllib.parse.urlsplit(url).scheme.lower() not in ('http', 'https'):
+                raise _FetchError(f'it redirects to a {urllib.parse.urlsplit(url).scheme!r} uri')
+        raise _FetchError(f'it redirects more than {MAX_REDIRECTS} times')
+    except _BlockedHost:
+        # the same text whatever the host would have done: it is never contacted
+        raise BadDocumentError(
+            doc.id,
+            f'uri {_short(doc.uri)} was not fetched: the server fetches only public addresses, and this one '
+            f'(or a redirect of it) is loopback, private, link-local or unspecified; start the service with '
+            f'--allow-host HOST to allow such a host',
+        ) from None
+    except _DeadlinePassed:
+        raise BadDocumentError(
+            doc.id, f'uri {_short(doc.uri)} could not be fetched (it took longer than uri_timeout={policy.uri_timeout:g} s)'
+        ) from None
+    except _FetchError as exc:
         raise BadDocumentError(doc.id, f'uri {_short(doc.uri)} could not be fetched ({exc})') from None
-    if len(data) > MAX_IMAGE_BYTES:
-        raise BadDocumentError(doc.id, f'uri {_short(doc.uri)} is larger than {MAX_IMAGE_BYTES} bytes')
-    return data
+
+
+def _fetch_once(url: str, policy: MediaPolicy, deadline: float) -> tuple[int, str | None, bytes]:
+    """One request: (status, redirect location or None, body of a 200)."""
+    parts = urllib.parse.urlsplit(url)
+    host, https = parts.hostname or '', parts.scheme.lower() == 'https'
+    try:
+        port = parts.port or (443 if https else 80)
+    except ValueError:
+        raise _FetchError('its port is not a number') from None
+    address = _resolve(host, port, policy, deadline)
+    connection_class = _PinnedHTTPSConnection if https else _PinnedHTTPConnection
+    connection = connection_class(host, port, address, timeout=_remaining(deadline))
+    # a watchdog ends the fetch at the deadline, however slowly the host drips its bytes
+    watchdog = threading.Timer(_remaining(deadline), _abort, args=(connection,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        path = parts.path or '/'
+        connection.request('GET', path + (f'?{parts.query}' if parts.query else ''), headers={'User-Agent': 'clip-search'})
+        response = connection.getresponse()
+        if response.status in (301, 302, 303, 307, 308) and response.getheader('Location'):
+            return response.status, response.getheader('Location'), b''
+        if response.status != 200:
+            return response.status, None, b''
+        return 200, None, _read_body(response, connection, deadline)
+    except (OSError, http.client.HTTPException, ssl.SSLError) as exc:
+        if time.monotonic() >= deadline:
+            raise _DeadlinePassed() from None
+        raise _FetchError(str(exc) or type(exc).__name__) from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+
+
+def _read_body(response, connection, deadline: float) -> bytes:
+    length = response.getheader('Content-Length')
+    if length and length.strip().isdigit() and int(length) > MAX_IMAGE_BYTES:
+        raise _FetchError(f'it is larger than {MAX_IMAGE_BYTES} bytes ({int(length)})')
+    chunks, total = [], 0
+    while True:
+        connection.raw_sock.settimeout(_remaining(deadline))
+        chunk = response.read1(2**16)
+        if not chunk:
+            if time.monotonic() >= deadline:  # the watchdog's shutdown reads as an end of file
+                raise _DeadlinePassed()
+            return b''.join(chunks)
+        total += len(chunk)
+        if total > MAX_IMAGE_BYTES:
+            raise _FetchError(f'it is larger than {MAX_IMAGE_BYTES} bytes')
+        chunks.append(chunk)
+
+
+def _resolve(host: str, port: int, policy: MediaPolicy, deadline: float) -> str:
+    """The address to connect to: every address of the host must be allowed (no pick of a private one)."""
+    if not host:
+        raise _FetchError('it has no host')
+    lookup = _DNS_POOL.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = lookup.result(timeout=_remaining(deadline))
+    except concurrent.futures.TimeoutError:
+        raise _DeadlinePassed() from None
+    except OSError as exc:
+        raise _FetchError(f'its host name does not resolve ({exc.strerror or exc})') from None
+    addresses = [info[4][0] for info in infos]
+    if not addresses or not all(policy.allows_address(host, address) for address in addresses):
+        raise _BlockedHost(host)
+    return addresses[0]
+
+
+def _remaining(deadline: float) -> float:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _DeadlinePassed()
+    return remaining
+
+
+def _abort(connection) -> None:
+    """Unblock any read or handshake on the connection's socket (a close alone would not wake it)."""
+    sock = connection.raw_sock  # http.client drops .sock once a closing response is under way
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _PinnedHTTPConnection(http.client.HTTPConnection):
+    """An HTTP connection to an address checked beforehand (no second DNS lookup to rebind)."""
+
+    raw_sock = None
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = self.raw_sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """The same over TLS; the certificate is checked against the host name, as usual."""
+
+    raw_sock = None
+
+    def __init__(self, host: str, port: int, address: str, timeout: float):
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = self.raw_sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
 
 
 def _short(uri: str, limit: int = 80) -> str:

@@ -264,7 +264,7 @@ class AnnLiteIndexer(Executor):
 
 
 def _storable(doc: Document) -> Document:
-    """What is kept of a document: id, text/uri, tags, embedding; image bytes only without a uri."""
+    """What is kept of a document: id, text/uri, tags, embedding, and its image bytes (the encoder's thumbnail)."""
     kept = Document(
         id=doc.id,
         text=doc.text or None,
@@ -273,7 +273,7 @@ def _storable(doc: Document) -> Document:
         mime_type=doc.mime_type or None,
         embedding=np.asarray(doc.embedding, dtype=np.float32),
     )
-    if doc.blob and not doc.uri:
+    if doc.blob:
         kept.blob = doc.blob
     return kept
 

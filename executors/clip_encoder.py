@@ -1,7 +1,8 @@
 """CLIPEncoder: texts and images in, L2-normalised float32 CLIP embeddings out."""
 
+import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import open_clip
@@ -11,7 +12,7 @@ from docarray.score import NamedScore
 from jina import Executor, requests
 from open_clip.transformer import text_global_pool
 
-from clip_search.media import DEFAULT_URI_TIMEOUT, BadDocumentError, content_kind, load_image
+from clip_search.media import DEFAULT_URI_TIMEOUT, BadDocumentError, MediaPolicy, content_kind, jpeg_thumbnail, load_image
 from clip_search.models import DEFAULT_MODEL, load_model, resolve_model
 
 
@@ -22,6 +23,10 @@ class CLIPEncoder(Executor):
     to the indexer so a client never calls ``/encode`` first. A document that already carries an
     embedding and no content is passed through as it is. One bad document fails the whole
     request (nothing of it reaches the index) with an error naming it.
+
+    The handlers are coroutines that run the work in threads: Jina runs a synchronous handler
+    under one lock per executor, so a single slow image URL would hold every other request.
+    ``/status`` and ``/delete`` have no handler here: they pass the encoder untouched, running nothing.
     """
 
     def __init__(
@@ -32,6 +37,10 @@ class CLIPEncoder(Executor):
         num_workers: int = 4,
         uri_timeout: float = DEFAULT_URI_TIMEOUT,
         max_request_docs: int = 2048,
+        allow_paths: Sequence[str] = (),
+        allow_hosts: Sequence[str] = (),
+        max_concurrent_requests: int = 8,
+        thumbnail_size: int = 128,
         *args,
         **kwargs,
     ):
@@ -39,33 +48,56 @@ class CLIPEncoder(Executor):
         :param device: ``cpu`` or ``cuda``; default: cuda when available
         :param minibatch_size: inputs per forward pass
         :param num_workers: threads that load and preprocess images in parallel
-        :param uri_timeout: seconds to wait for an http(s) image before giving up
+        :param uri_timeout: seconds one http(s) image may take in total (DNS, connect, body) before it is refused
         :param max_request_docs: refuse requests with more documents (one client cannot exhaust memory)
+        :param allow_paths: directories whose files a document's uri may name (by default no path is opened)
+        :param allow_hosts: host names, addresses or networks that may be fetched although they are
+            loopback, private, link-local or unspecified (by default only public addresses are)
+        :param max_concurrent_requests: requests encoded at once (the others wait their turn)
+        :param thumbnail_size: on /index and /update, an image document's bytes become a JPEG of at most
+            this many pixels a side, which the index stores and searches return (the web page shows it);
+            0 stores the bytes as sent
         """
         super().__init__(*args, **kwargs)
         self.device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
         self.minibatch_size = minibatch_size
-        self.uri_timeout = uri_timeout
         self.max_request_docs = max_request_docs
+        self.thumbnail_size = thumbnail_size
+        self.media = MediaPolicy.create(allow_paths, allow_hosts, uri_timeout)
         self._clip = load_model(resolve_model(name), self.device)
         self._pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix='preprocess')
+        self._request_threads = ThreadPoolExecutor(max_workers=max_concurrent_requests, thread_name_prefix='request')
         self.logger.info(f'loaded {name} ({self._clip.spec.embed_dim}-d) on {self.device}')
 
-    @requests(on=['/encode', '/index', '/update', '/search'])
-    def encode(self, docs: DocumentArray, **kwargs) -> DocumentArray:
-        """Attach an embedding to every document (on /index, /update, /search before the indexer sees them)."""
-        self.embed(docs)
+    @requests(on=['/encode', '/search'])
+    async def encode(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """Attach an embedding to every document (on /search before the indexer sees them)."""
+        await self._in_thread(self.embed, docs)
         return docs
 
-    @requests
-    def encode_by_default(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+    @requests(on=['/index', '/update'])
+    async def encode_for_index(self, docs: DocumentArray, **kwargs) -> DocumentArray:
+        """Embed, and replace each image's bytes by a small JPEG thumbnail (``thumbnail_size``) for the index."""
+        await self._in_thread(self.embed, docs, 0, False, self.thumbnail_size)
+        return docs
+
+    @requests(on='/')
+    async def encode_for_profile(self, docs: DocumentArray, **kwargs) -> DocumentArray:
         """``/`` (clip_client's ``profile()`` posts there): encode, an empty document as the empty text."""
-        self.embed(docs, empty_as_text=True)
+        await self._in_thread(self.embed, docs, 0, True)
         return docs
 
     @requests(on='/rank')
-    def rank(self, docs: DocumentArray, parameters: Optional[dict] = None, **kwargs) -> DocumentArray:
+    async def rank(self, docs: DocumentArray, parameters: Optional[dict] = None, **kwargs) -> DocumentArray:
         """clip-as-service's ranker: score each document's ``.matches`` by CLIP and sort them, best first."""
+        return await self._in_thread(self.rank_docs, docs, parameters)
+
+    async def _in_thread(self, function: Callable, *args):
+        """Run blocking work (fetching, decoding, the model) off the event loop, so requests overlap."""
+        return await asyncio.get_running_loop().run_in_executor(self._request_threads, function, *args)
+
+    def rank_docs(self, docs: DocumentArray, parameters: Optional[dict] = None) -> DocumentArray:
+        """Score each document's ``.matches`` by CLIP, best first (the body of ``/rank``)."""
         for doc in docs:
             if not doc.matches:
                 raise BadDocumentError(doc.id, 'it has no candidates to rank: put them in .matches')
@@ -83,8 +115,8 @@ class CLIPEncoder(Executor):
         """The temperature the model was trained with: CLIP's softmax over candidates uses it."""
         return float(self._clip.model.logit_scale.detach().exp())
 
-    def embed(self, docs: DocumentArray, extra: int = 0, empty_as_text: bool = False) -> None:
-        """Encode every document with content, in minibatches, writing ``doc.embedding``."""
+    def embed(self, docs: DocumentArray, extra: int = 0, empty_as_text: bool = False, thumbnail_size: int = 0) -> None:
+        """Encode every document with content, in minibatches, writing ``doc.embedding`` (and a thumbnail)."""
         if len(docs) + extra > self.max_request_docs:
             raise ValueError(
                 f'the request has {len(docs) + extra} documents, more than max_request_docs={self.max_request_docs}: '
@@ -100,7 +132,7 @@ class CLIPEncoder(Executor):
                 batch_tokens = tokens[positions]
                 self._store([texts[i] for i in positions], self._forward(self._encode_text, batch_tokens))
         for batch in _minibatches(images, self.minibatch_size):
-            pixels = torch.stack(list(self._pool.map(self._preprocess, batch)))
+            pixels = torch.stack(list(self._pool.map(self._preprocess, batch, [thumbnail_size] * len(batch))))
             self._store(batch, self._forward(self._clip.model.encode_image, pixels))
 
     def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -125,8 +157,11 @@ class CLIPEncoder(Executor):
             return model.text_projection(x)
         return x @ model.text_projection
 
-    def _preprocess(self, doc) -> torch.Tensor:
-        return self._clip.preprocess(load_image(doc, timeout=self.uri_timeout))
+    def _preprocess(self, doc, thumbnail_size: int = 0) -> torch.Tensor:
+        image = load_image(doc, self.media)
+        if thumbnail_size:
+            doc.blob, doc.tensor = jpeg_thumbnail(image, thumbnail_size), None
+        return self._clip.preprocess(image)
 
     def _forward(self, encode, inputs: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
@@ -140,6 +175,7 @@ class CLIPEncoder(Executor):
             doc.embedding = embedding
 
     def close(self) -> None:
+        self._request_threads.shutdown(wait=False)
         self._pool.shutdown(wait=False)
         super().close()
 

@@ -12,10 +12,21 @@ def test_text_embeddings_equal_open_clips_encode_text_for_any_mix_of_lengths(tin
     encoder = CLIPEncoder(name=str(tiny_model), minibatch_size=2)  # batches mix lengths and get reordered
     texts = ['a red circle!', 'hi', 'a very long text ' * 30, '!!! ! !', 'a blue square on a dark background', 'x']
     docs = DocumentArray(Document(text=t) for t in texts)
-    encoder.encode(docs)
+    model = encoder._clip.model
+    library_encode_text = model.encode_text
+
+    def refuse(*args, **kwargs):
+        raise AssertionError('the library path ran: the fast text path was not taken')
+
+    model.encode_text = refuse  # the fast path never calls it
+    try:
+        encoder.embed(docs)
+    finally:
+        model.encode_text = library_encode_text
     with torch.inference_mode():
-        expected = torch.nn.functional.normalize(encoder._clip.model.encode_text(encoder._clip.tokenizer(texts)), dim=-1)
+        expected = torch.nn.functional.normalize(library_encode_text(encoder._clip.tokenizer(texts)), dim=-1)
     np.testing.assert_allclose(docs.embeddings, expected.numpy(), atol=1e-5)
+    encoder.close()
 
 
 def test_unfiltered_search_answers_as_annlites_own_search(tmp_path):

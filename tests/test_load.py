@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from docarray import Document
@@ -14,7 +15,9 @@ from helpers.service import flow_polling_index
 @pytest.mark.slow
 def test_concurrent_clients_lose_and_duplicate_nothing(service_factory, tmp_path):
     service = service_factory(shards=3, flow_file=flow_polling_index(tmp_path, 'ALL'))  # /index an upsert
-    acknowledged: set[str] = set()
+    seed = [Document(id=f'seed-{i}', text=f'seed sentence {i}') for i in range(10)]
+    service.client().index(seed)  # every search below must find 5 matches
+    acknowledged: set[str] = {doc.id for doc in seed}
     errors: list[BaseException] = []
     lock = threading.Lock()
 
@@ -33,7 +36,7 @@ def test_concurrent_clients_lose_and_duplicate_nothing(service_factory, tmp_path
         for round_ in range(15):
             for result in client.search([f'worker {worker} batch 1 item {round_}'], limit=5):
                 ids = [m.id for m in result.matches]
-                assert len(ids) == len(set(ids))
+                assert len(ids) == 5 and len(set(ids)) == 5, ids
                 distances = [m.scores['cosine'].value for m in result.matches]
                 assert distances == sorted(distances)
 
@@ -43,17 +46,19 @@ def test_concurrent_clients_lose_and_duplicate_nothing(service_factory, tmp_path
         except BaseException as exc:  # surfaced below: a thread's failure must fail the test
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(indexer, w)) for w in range(3)]
-    threads += [threading.Thread(target=run, args=(searcher, w)) for w in range(2)]
+    threads = [threading.Thread(target=run, args=(indexer, w), daemon=True) for w in range(3)]
+    threads += [threading.Thread(target=run, args=(searcher, w), daemon=True) for w in range(2)]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + 300  # for all of them together
     for thread in threads:
-        thread.join(timeout=300)
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not [thread.name for thread in threads if thread.is_alive()], 'a client hung'
     assert not errors, errors
 
     client = service.client()
     status = client.status()
-    assert status['documents'] == len(acknowledged) == 3 * 6 * 15 + 6 * 5
+    assert status['documents'] == len(acknowledged) == 3 * 6 * 15 + 6 * 5 + len(seed)
     results = client.search([f'worker 2 batch {b} item 7' for b in range(6)] + ['shared batch 3 item 2'], limit=3)
     assert [r.matches[0].id for r in results] == [f'w2-{b}-7' for b in range(6)] + ['shared-3-2']
     shared = client.search(['shared batch 0 item 0'], limit=200)[0].matches[:, 'id']

@@ -45,9 +45,13 @@ def assert_well_formed(matches, limit: int) -> None:
 
 @pytest.fixture(scope='module')
 def service(tmp_path_factory, tiny_model):
-    """One 3-shard service shared by the tests of this module (they use distinct ids)."""
+    """One 3-shard service shared by the tests of this module (they use distinct ids).
+
+    It may read the tests' temporary files and fetch from this machine (by default it would do neither).
+    """
     workspace = tmp_path_factory.mktemp('shared') / 'workspace'
-    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE)
+    allow = ('--allow-path', str(tmp_path_factory.getbasetemp()), '--allow-host', '127.0.0.1')
+    service = start_service(tiny_model, workspace, shards=3, flow_file=FLOW_FILE, extra_args=allow)
     yield service
     service.stop()
 

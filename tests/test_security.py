@@ -56,9 +56,20 @@ print('tls ok')
     result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True, timeout=120)
     assert 'tls ok' in result.stdout, result.stderr[-2000:]
 
-    plaintext = f"from clip_search import Client; Client('grpc://localhost:{service.port}').status()"
-    result = subprocess.run([sys.executable, '-c', plaintext], capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0  # a plaintext client cannot talk to the TLS gateway
+    probe = '''
+import sys
+from clip_search import Client
+try:
+    Client(sys.argv[1], timeout=20).status()
+except ConnectionError as exc:
+    print(exc)
+'''
+    # a plaintext client: the gateway speaks only TLS and closes the connection on it
+    result = subprocess.run([sys.executable, '-c', probe, f'grpc://localhost:{service.port}'], capture_output=True, text=True, timeout=120)
+    assert 'StatusCode.UNAVAILABLE' in result.stdout and 'Socket closed' in result.stdout, result.stdout + result.stderr[-2000:]
+    # a TLS client that does not trust the certificate: the handshake fails on it
+    result = subprocess.run([sys.executable, '-c', probe, f'grpcs://localhost:{service.port}'], capture_output=True, text=True, timeout=120)
+    assert 'Ssl handshake failed' in result.stdout and 'CERTIFICATE_VERIFY_FAILED' in result.stdout, result.stdout + result.stderr[-2000:]
 
 
 def test_executors_listen_on_loopback_even_when_the_gateway_is_public(service_factory):
@@ -68,6 +79,19 @@ def test_executors_listen_on_loopback_even_when_the_gateway_is_public(service_fa
     internal = [a for a in addresses if not a.endswith(f':{service.port}')]
     assert gateway and not any('127.0.0.1' in a for a in gateway)  # the public port, on every interface
     assert len(internal) >= 4 and all('127.0.0.1' in a for a in internal), internal
+
+
+def test_web_port_with_tls_is_refused_before_the_flow_starts(certificate, tiny_model, capsys):
+    from clip_search.cli import main
+    from conftest import FLOW_FILE
+    from helpers.service import free_port
+
+    cert, key = certificate
+    args = [str(FLOW_FILE), '--model', str(tiny_model), '--port', str(free_port()), '--host', '127.0.0.1']
+    assert main([*args, '--tls-cert', str(cert), '--tls-key', str(key), '--web-port', str(free_port())]) == 2
+    assert capsys.readouterr().err == (
+        'clip-search: --web-port cannot be combined with --tls-cert yet: serve the page through a TLS proxy\n'
+    )
 
 
 def test_tls_needs_both_files(tmp_path):

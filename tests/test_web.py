@@ -6,11 +6,14 @@ One Flow with the bundled ``mini::shapes`` model serves the demo shapes for the 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
+import json
 import os
 import random
 import socket
+import time
 
 import pytest
 import requests
@@ -290,3 +293,77 @@ def test_the_remembered_images_are_bounded_and_the_latest_answer_wins():
     assert searched.get('c').uri == '' and searched.get('c').blob == b'12345678'
     searched.remember(Document(id='d', blob=b'123456'))  # 14 bytes in all: the older image goes
     assert searched.get('c') is None and searched.get('d') is not None
+
+
+@contextlib.contextmanager
+def page_for(flow_address: str, **app_options):
+    """The web page alone, for a Flow at ``flow_address`` (which may be down or hung); yields its URL."""
+    from clip_search.web.server import bind_web_socket, serve_web_page
+
+    with serve_web_page(bind_web_socket('127.0.0.1', free_port()), flow_address, **app_options) as url:
+        yield url
+
+
+def test_an_unreachable_flow_is_a_502_and_a_hung_one_a_504():
+    with page_for(f'grpc://127.0.0.1:{free_port()}') as url:  # nothing listens there
+        answer = search(url, query='a red circle')
+        assert answer.status_code == 502 and answer.json()['error'].startswith('the search service did not answer:')
+        assert requests.get(f'{url}/api/status', timeout=30).status_code == 502
+    with socket.socket() as hung:
+        hung.bind(('127.0.0.1', 0))
+        hung.listen(8)  # accepts connections (the kernel does) and never answers
+        with page_for(f'grpc://127.0.0.1:{hung.getsockname()[1]}', timeout=2) as url:
+            started = time.monotonic()
+            answer = search(url, query='a red circle')
+            assert answer.status_code == 504
+            assert answer.json() == {'error': 'the search service did not answer within 2 s'}
+            assert time.monotonic() - started < 10
+            assert requests.get(f'{url}/api/status', timeout=30).status_code == 504
+
+
+def test_a_body_over_the_cap_is_refused_before_it_is_read():
+    from clip_search.web.app import MAX_BODY_BYTES
+
+    with page_for(f'grpc://127.0.0.1:{free_port()}') as url:
+        host, port = url.removeprefix('http://').split(':')
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        connection.putrequest('POST', '/api/search')
+        connection.putheader('Content-Type', 'application/json')
+        connection.putheader('Content-Length', str(MAX_BODY_BYTES + 1))
+        connection.endheaders()  # and no body at all: the answer must not wait for it
+        response = connection.getresponse()
+        assert response.status == 413
+        assert json.loads(response.read())['error'].startswith(f'the body is larger than {MAX_BODY_BYTES} bytes')
+
+        def chunks():  # no Content-Length: counted as it streams
+            for _ in range(MAX_BODY_BYTES // 2**20 + 2):
+                yield b' ' * 2**20
+
+        answer = requests.post(f'{url}/api/search', data=chunks(), headers={'Content-Type': 'application/json'}, timeout=30)
+        assert answer.status_code == 413
+        too_many_pixels = io.BytesIO()
+        Image.new('1', (8_000, 7_000)).save(too_many_pixels, format='PNG')  # 56 MP in a few KB
+        answer = requests.post(f'{url}/api/search', files={'image': too_many_pixels.getvalue()}, timeout=30)
+        assert answer.status_code == 400 and answer.json()['error'] == 'image has 56000000 pixels, more than 50000000 (resize it first)'
+        big = requests.post(f'{url}/api/search', files={'image': b'\0' * (16 * 2**20 + 1)}, timeout=30)
+        assert big.status_code == 400 and big.json()['error'].startswith('image has 16777217 bytes, more than 16777216')
+
+
+def test_thumbnails_read_only_what_the_encoder_may(tmp_path):
+    from clip_search.media import BadDocumentError, MediaPolicy
+    from clip_search.web.app import SearchedDocuments
+
+    allowed, elsewhere = tmp_path / 'allowed', tmp_path / 'elsewhere'
+    for directory in (allowed, elsewhere):
+        directory.mkdir()
+        (directory / 'shape.png').write_bytes(png_of('red', 'circle', seed=1))
+    searched = SearchedDocuments(MediaPolicy.create(allow_paths=[allowed]))
+    inside = Document(id='inside', uri=str(allowed / 'shape.png'))
+    assert Image.open(io.BytesIO(searched.thumbnail(inside))).format == 'JPEG'
+    for doc_id, path in (('outside', elsewhere / 'shape.png'), ('dots', allowed / '..' / 'elsewhere' / 'shape.png')):
+        with pytest.raises(BadDocumentError, match=f"document '{doc_id}': uri .* is a path on the server"):
+            searched.thumbnail(Document(id=doc_id, uri=str(path)))
+    stored = Document(id='stored', uri=str(elsewhere / 'shape.png'), blob=png_of('blue', 'star', seed=2))
+    assert Image.open(io.BytesIO(searched.thumbnail(stored))).format == 'JPEG'  # the index's thumbnail, not the path
+    with pytest.raises(BadDocumentError, match='--allow-host HOST'):
+        SearchedDocuments().thumbnail(Document(id='private', uri='http://127.0.0.1:9/x.png'))

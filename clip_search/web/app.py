@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` the page, ``/static/*`` its script and style, ``POST /api/search`` (JSON or a
 multipart upload), ``GET /api/status``, ``GET /api/thumbnail?id=DOC_ID``. Calls to the Flow use
-the client's asyncio methods; thumbnails are made in a small thread pool (PIL work would block the loop).
+the client's asyncio methods with a deadline (a hung Flow is a 504, not a hung page); thumbnails are
+made in a small thread pool (PIL work would block the loop), reading only what the encoder may read.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from docarray import Document
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -27,11 +28,13 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from clip_search.client import Client, RequestError
-from clip_search.media import BadDocumentError, decode_data_uri, load_image
+from clip_search.media import MAX_IMAGE_PIXELS, BadDocumentError, MediaPolicy, decode_data_uri, load_image
 from clip_search.params import DEFAULT_LIMIT, validate_limit, validate_max_distance
 
 STATIC_DIR = Path(__file__).resolve().parent / 'static'
 MAX_UPLOAD_BYTES = 16 * 2**20
+MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 4 // 3 + 2**20  # an upload as a base64 data URI, and the form around it
+FLOW_TIMEOUT = 30.0  # seconds a search or status call to the Flow may take
 THUMBNAIL_SIZE = 256
 THUMBNAIL_THREADS = 2
 FILTER_OPERATORS = {'!=': '$neq', '<=': '$lte', '>=': '$gte', '=': '$eq', '<': '$lt', '>': '$gt'}
@@ -39,6 +42,14 @@ FILTER_OPERATORS = {'!=': '$neq', '<=': '$lte', '>=': '$gte', '=': '$eq', '<': '
 
 class BadRequest(ValueError):
     """A request the page or an API user got wrong; the message names the parameter."""
+
+    status = 400
+
+
+class BodyTooLarge(BadRequest):
+    """A body over MAX_BODY_BYTES, refused before more of it is read."""
+
+    status = 413
 
 
 class SearchedDocuments:
@@ -49,7 +60,8 @@ class SearchedDocuments:
     by count and by bytes of image blobs, least recently used first out.
     """
 
-    def __init__(self, max_documents: int = 4096, max_blob_bytes: int = 64 * 2**20):
+    def __init__(self, media: MediaPolicy = MediaPolicy(), max_documents: int = 4096, max_blob_bytes: int = 64 * 2**20):
+        self._media = media  # the encoder's: no path outside --allow-path, no private host outside --allow-host
         self._docs: OrderedDict[str, Document] = OrderedDict()
         self._thumbnails: dict[str, bytes] = {}
         self._blob_bytes = 0
@@ -80,7 +92,7 @@ class SearchedDocuments:
             cached = self._thumbnails.get(doc.id)
         if cached is not None:
             return cached
-        image = load_image(doc)
+        image = load_image(doc, self._media)
         image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
         buffer = io.BytesIO()
         image.save(buffer, format='JPEG', quality=90)
@@ -178,17 +190,29 @@ def image_query(data: bytes, source: str = 'image') -> Document:
         raise BadRequest(f'{source} has {len(data)} bytes, more than {MAX_UPLOAD_BYTES} (resize it first)')
     try:
         with Image.open(io.BytesIO(data)) as image:
+            pixels = image.size[0] * image.size[1]
             image.verify()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except Exception as exc:  # not an image, truncated, a decompression bomb: the caller's fault
         raise BadRequest(f'{source} is not a readable image ({exc})') from None
+    if pixels > MAX_IMAGE_PIXELS:
+        raise BadRequest(f'{source} has {pixels} pixels, more than {MAX_IMAGE_PIXELS} (resize it first)')
     return Document(blob=data)
 
 
-def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int = THUMBNAIL_THREADS) -> Starlette:
-    """The web app for the clip-search Flow at ``server`` (``grpc://host:port``)."""
+def create_app(
+    server: str,
+    model: Optional[str] = None,
+    thumbnail_threads: int = THUMBNAIL_THREADS,
+    media: MediaPolicy = MediaPolicy(),
+    timeout: float = FLOW_TIMEOUT,
+) -> Starlette:
+    """The web app for the clip-search Flow at ``server`` (``grpc://host:port``).
+
+    ``media`` is what the thumbnails may read (the encoder's policy); ``timeout`` bounds each call to the Flow.
+    """
     pool = ThreadPoolExecutor(max_workers=thumbnail_threads, thread_name_prefix='clip-search-thumbnails')
-    client = Client(server)
-    searched = SearchedDocuments()
+    client = Client(server, timeout=timeout)
+    searched = SearchedDocuments(media)
 
     async def in_pool(function: Callable, *args) -> Any:
         return await asyncio.get_running_loop().run_in_executor(pool, function, *args)
@@ -200,13 +224,13 @@ def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int 
         try:
             query, limit, search_filter, max_distance = await _read_search_request(request)
         except BadRequest as exc:
-            return _error(400, str(exc))
+            return _error(exc.status, str(exc))
         try:
             results = await client.asearch([query], limit=limit, filter=search_filter, max_distance=max_distance)
         except RequestError as exc:
             return _error(400, exc.reason)
-        except Exception as exc:  # the Flow is down or unreachable: not the caller's fault
-            return _error(502, f'the search service did not answer: {exc}')
+        except Exception as exc:  # the Flow is down, unreachable or hung: not the caller's fault
+            return _service_error(exc, timeout)
         matches = []
         for match in results[0].matches:
             is_image = not match.text and bool(match.uri or match.blob)
@@ -225,7 +249,7 @@ def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int 
         try:
             answer = await client.astatus()
         except Exception as exc:
-            return _error(502, f'the search service did not answer: {exc}')
+            return _service_error(exc, timeout)
         return JSONResponse({**answer, 'model': model, 'server': server})
 
     async def thumbnail(request: Request) -> Response:
@@ -235,8 +259,8 @@ def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int 
             return _error(404, f'no indexed image with id {doc_id!r} was found by a search')
         try:
             data = await in_pool(searched.thumbnail, doc)
-        except BadDocumentError as exc:
-            return _error(404, f'the image of {doc_id!r} cannot be read any more: {exc.reason}')
+        except BadDocumentError as exc:  # a path outside --allow-path, a private host, a file gone
+            return _error(404, f'the image of {doc_id!r} cannot be shown: {exc.reason}')
         return Response(data, media_type='image/jpeg', headers={'Cache-Control': 'private, max-age=300'})
 
     @contextlib.asynccontextmanager
@@ -256,6 +280,7 @@ def create_app(server: str, model: Optional[str] = None, thumbnail_threads: int 
 
 async def _read_search_request(request: Request) -> tuple[Document, int, Optional[dict], Optional[float]]:
     """(query, limit, filter, max_distance) from a multipart form (the page's image upload) or else a JSON body."""
+    request = await _capped(request)
     content_type = request.headers.get('content-type', '')
     if content_type.startswith('multipart/form-data'):
         form = await request.form(max_files=1, max_fields=10)
@@ -271,6 +296,24 @@ async def _read_search_request(request: Request) -> tuple[Document, int, Optiona
     search_filter = parse_filter(fields.get('filter'))
     max_distance = parse_max_distance(fields.get('max_distance'))
     return await _query_document(fields), limit, search_filter, max_distance
+
+
+async def _capped(request: Request) -> Request:
+    """The request with its body read, refused past MAX_BODY_BYTES: by its Content-Length, or as it streams."""
+    length = request.headers.get('content-length', '')
+    too_large = f'the body is larger than {MAX_BODY_BYTES} bytes (an image may have {MAX_UPLOAD_BYTES})'
+    if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+        raise BodyTooLarge(too_large)
+    body = bytearray()
+    async for chunk in request.stream():  # a chunked body announces no length
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise BodyTooLarge(too_large)
+
+    async def replay() -> dict:
+        return {'type': 'http.request', 'body': bytes(body), 'more_body': False}
+
+    return Request(request.scope, replay)
 
 
 async def _query_document(fields: dict) -> Document:
@@ -311,6 +354,13 @@ def _quote(value: str) -> str:
     from urllib.parse import quote
 
     return quote(value, safe='')
+
+
+def _service_error(exc: Exception, timeout: float) -> JSONResponse:
+    """504 when the Flow did not answer in time, 502 when it could not be reached."""
+    if isinstance(exc, TimeoutError) or 'deadline exceeded' in str(exc).lower():
+        return _error(504, f'the search service did not answer within {timeout:g} s')
+    return _error(502, f'the search service did not answer: {exc}')
 
 
 def _error(status: int, message: str) -> JSONResponse:

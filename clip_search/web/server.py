@@ -32,15 +32,18 @@ def bind_web_socket(host: str, port: int) -> socket.socket:
 
 @contextlib.contextmanager
 def serve_web_page(
-    sock: socket.socket, grpc_server: str, model: Optional[str] = None, ready_timeout: float = 30
+    sock: socket.socket, grpc_server: str, model: Optional[str] = None, ready_timeout: float = 30, **app_options
 ) -> Iterator[str]:
-    """Serve the search page on ``sock`` for the Flow at ``grpc_server`` until the block ends; yield its URL."""
+    """Serve the search page on ``sock`` for the Flow at ``grpc_server`` until the block ends; yield its URL.
+
+    ``app_options`` go to ``create_app`` (``media``: what thumbnails may read, ``timeout``: per call to the Flow).
+    """
     import uvicorn
 
     from clip_search.web.app import create_app
 
     config = uvicorn.Config(
-        create_app(grpc_server, model=model), loop='asyncio', log_level='warning', access_log=False, lifespan='on'
+        create_app(grpc_server, model=model, **app_options), loop='asyncio', log_level='warning', access_log=False, lifespan='on'
     )
     server = uvicorn.Server(config)  # not in the main thread: uvicorn leaves the signals to the CLI
     thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, name='clip-search-web', daemon=True)

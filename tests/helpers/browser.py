@@ -95,7 +95,7 @@ def index_demo_shapes(client, image_dir: str | Path, texts: Optional[list[str]] 
     """Index the 24 demo shape images and some texts, tagged with colour and shape; return how many."""
     images = write_demo_collection(image_dir, n_per_class=1, seed=0)
     docs = [
-        Document(id=f'image:{path.name}', uri=str(path.resolve()), tags=_shape_tags(path.stem.split('_')))
+        Document(id=f'image:{path.name}', uri=str(path.resolve()), blob=path.read_bytes(), tags=_shape_tags(path.stem.split('_')))
         for path in images
     ]
     for text in DEMO_TEXTS if texts is None else texts:
