@@ -171,9 +171,17 @@ def _abandon_start() -> NoReturn:
     """Ctrl-C while the Flow starts: stop the executors started so far and exit at once.
 
     Not by raising KeyboardInterrupt: it would land anywhere in Jina's start (a lock's release, a
-    fork hook) and leave executors behind; and nothing needs saving before the Flow serves.
+    fork hook) and leave executors behind; and nothing needs saving before the Flow serves. Jina's
+    other threads may still fork a process (the gateway) after the first sweep, and it would have
+    missed this Ctrl-C: sweep until no new one appears for a second.
     """
     _stop_executors()
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < 1.0:
+        time.sleep(0.1)
+        if multiprocessing.active_children():
+            _stop_executors()
+            quiet_since = time.monotonic()
     print('clip-search stopped before it was ready', flush=True)
     sys.stderr.flush()
     os._exit(130)
