@@ -53,7 +53,7 @@ class CLIPEncoder(Executor):
         self.max_request_docs = max_request_docs
         self._clip = load_model(resolve_model(name), self.device, dtype)  # refuses a dtype the device cannot run
         self._pool = ThreadPoolExecutor(max_workers=num_workers or os.cpu_count(), thread_name_prefix='preprocess')
-        self.logger.info(f'loaded {name} ({self._clip.spec.embed_dim}-d) on {self.device} in {self._clip.dtype}')
+        self.logger.info(f'dtype {self._clip.dtype} on {self.device}: loaded {name} ({self._clip.spec.embed_dim}-d)')
 
     @requests(on=['/encode', '/index', '/update', '/search'])
     def encode(self, docs: DocumentArray, **kwargs) -> DocumentArray:
