@@ -109,6 +109,14 @@ def shapes_service(tmp_path_factory):
     service.stop()
 
 
+@pytest.fixture(scope='module')
+def shapes_int8_service(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp('shapes_int8') / 'workspace'
+    service = start_service('mini::shapes', workspace, shards=2, flow_file=FLOW_FILE, extra_args=('--dtype', 'int8'))
+    yield service
+    service.stop()
+
+
 def test_the_bundled_model_loads_by_name_without_download():
     spec = resolve_model('mini::shapes')
     assert spec.open_clip_name.startswith('local-dir:') and spec.embed_dim > 0
@@ -124,6 +132,16 @@ def test_held_out_images_and_captions_find_each_other(shapes_service):
 def test_shapes_drawn_by_another_renderer_are_still_recognised(shapes_service):
     text_to_image, image_to_text = cross_modal_top1(shapes_service.client(), other_renderer_images())
     assert text_to_image >= 0.9 and image_to_text >= 0.9, (text_to_image, image_to_text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('test_set', [held_out_images, other_renderer_images], ids=['held_out', 'other_renderer'])
+def test_int8_finds_what_fp32_finds(shapes_service, shapes_int8_service, test_set):
+    images = test_set()
+    fp32 = cross_modal_top1(shapes_service.client(), images)
+    int8 = cross_modal_top1(shapes_int8_service.client(), images)
+    assert int8 == fp32 and min(int8) >= 0.9, (int8, fp32)
+    assert 'dtype int8 on cpu' in shapes_int8_service.log()
 
 
 @pytest.mark.slow
