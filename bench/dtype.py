@@ -1,6 +1,6 @@
 """The `--dtype int8` check: two services on one random ViT-B-32, fp32 and int8, through clip_client.
 
-    python bench/dtype.py                 # 64 JPEGs (640x480), 3 rounds
+    python bench/dtype.py                 # 64 JPEGs (640x480), 5 rounds
     python bench/dtype.py --rounds 5 --images 128
 
 Starts ``python -m clip_search`` twice on the same random-initialised ViT-B-32 (open_clip's
@@ -61,7 +61,7 @@ def encode(address: str, blobs: list[bytes], batch_size: int | None) -> tuple[fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--images', type=int, default=64, help='640x480 JPEGs per round (default 64)')
-    parser.add_argument('--rounds', type=int, default=3, help='timed rounds, each service once per round')
+    parser.add_argument('--rounds', type=int, default=5, help='timed rounds, each service once per round')
     parser.add_argument('--batch-size', type=int, help="clip_client's batch_size (default: its own, 8)")
     parser.add_argument('--cache', type=Path, default=BENCH / '.cache', help='where the random ViT-B-32 is written')
     parser.add_argument('--out', type=Path, default=BENCH / 'results' / 'dtype', help='where results.json goes')
