@@ -1,11 +1,13 @@
 """Encoder worker: one CLIPEncoder (ours or clip_server's) in this process, driven over stdin.
 
-    python bench/encode.py '{"impl": "ours"|"clip_server", "model_dir": DIR, "minibatch": 32, "threads": 2}'
+    python bench/encode.py '{"impl": "ours"|"clip_server", "model_dir": DIR, "minibatch": 32, "threads": 2,
+                             "dtype": "fp32"|"int8" (ours only)}'
 
-It loads the encoder, prints ``ready``, then answers each stdin line ``text N``, ``image N`` or
-``embed PATH`` with one JSON line: the seconds to encode the first N texts or images of a fixed
-set (the same in both workers), or where it saved the embeddings of a few of them. Two workers are
-driven turn by turn, so both see the same machine load on a shared host.
+It loads the encoder, prints ``ready``, then answers each stdin line ``text N``, ``image N``,
+``split N`` or ``embed PATH`` with one JSON line: the seconds to encode the first N texts or images
+of a fixed set (the same in every worker), the seconds of each stage of the image path run one
+after the other (ours only), or where it saved the embeddings of a few inputs. Workers are driven
+turn by turn, so all see the same machine load on a shared host.
 """
 
 from __future__ import annotations
@@ -70,11 +72,30 @@ def sample_images(n: int) -> list[bytes]:
     return blobs
 
 
-def load_ours(model_dir: Path, minibatch: int):
+def load_ours(model_dir: Path, minibatch: int, dtype: str = 'fp32'):
     from clip_search.executors.clip_encoder import CLIPEncoder
 
-    encoder = CLIPEncoder(name=str(model_dir), minibatch_size=minibatch)
-    return encoder.encode
+    return CLIPEncoder(name=str(model_dir), minibatch_size=minibatch, dtype=dtype)
+
+
+def time_split(encoder, blobs: list[bytes], minibatch: int) -> dict:
+    """Seconds spent decoding, preprocessing (resize, crop, normalise) and in the model, one stage
+    after the other on one thread each (the encoder overlaps the first two with the third)."""
+    import torch
+    from docarray import Document
+
+    from clip_search.media import load_image
+
+    started = time.perf_counter()
+    images = [load_image(Document(blob=blob)) for blob in blobs]
+    decoded = time.perf_counter()
+    pixels = [encoder._clip.preprocess(image) for image in images]
+    preprocessed = time.perf_counter()
+    with torch.inference_mode():
+        for start in range(0, len(pixels), minibatch):
+            encoder._clip.model.encode_image(torch.stack(pixels[start : start + minibatch]))
+    return {'docs': len(blobs), 'decode_s': decoded - started, 'preprocess_s': preprocessed - decoded,
+            'model_s': time.perf_counter() - preprocessed}  # fmt: skip
 
 
 def load_clip_server(model_dir: Path, minibatch: int):
@@ -97,7 +118,8 @@ def main() -> None:
     model_dir = Path(task['model_dir'])
     if task['impl'] == 'ours':
         write_random_vit_b_32(model_dir)
-        encode = load_ours(model_dir, task['minibatch'])
+        encoder = load_ours(model_dir, task['minibatch'], task.get('dtype', 'fp32'))
+        encode = encoder.encode
     else:
         encode = load_clip_server(model_dir, task['minibatch'])
     torch.set_num_threads(task['threads'])
@@ -116,6 +138,9 @@ def main() -> None:
             encode(docs)
             np.save(arg, np.asarray(docs.embeddings, dtype=np.float32))
             print(json.dumps({'saved': arg}), flush=True)
+            continue
+        if command == 'split':
+            print(json.dumps(time_split(encoder, images[: int(arg)], task['minibatch'])), flush=True)
             continue
         docs = make[command](int(arg))
         started = time.perf_counter()

@@ -34,18 +34,39 @@ def markdown(results: dict) -> str:
         f'search {s["search_qps_vs_hnswlib"]:.2f}x hnswlib QPS at recall@10 {s["recall@10"]:.3f}, '
         f'Flow overhead {s["flow_overhead_p50_ms"]:.1f} ms p50 per search (1 shard, gRPC, over a direct indexer call).',
         '',
-        f'## Encode: our CLIPEncoder vs clip_server\'s, {e["model"]}',
+        f'## Encode: our CLIPEncoder (fp32 and int8) vs clip_server\'s, {e["model"]}',
         '',
-        f'Same weights (lowest cosine between their embeddings of the same inputs: {_num(e["min_cosine_ours_vs_clip_server"], ".6f")}), '
+        f'Same weights (lowest cosine between their embeddings of the same inputs: {_num(e["min_cosine_ours_vs_clip_server"], ".6f")}; '
+        f'int8 against our fp32: {e["min_cosine_int8_vs_fp32"]:.4f}), '
         f'minibatch {e["minibatch_size"]}, {e["torch_threads"]} torch threads, each in its own process, measured turn by turn '
-        f'({e["text"]["rounds"]} rounds; the ratio is the median of the paired rounds).',
+        f'({e["text"]["rounds"]} rounds; a ratio is the median of the paired rounds). int8 is `dtype: int8`: the '
+        'linear layers quantized to int8 at load (torch dynamic quantization).',
         '',
-        '| input | docs per round | ours docs/s | clip_server docs/s | ours / clip_server |',
-        '|---|---:|---:|---:|---:|',
+        '| input | docs per round | ours fp32 docs/s | ours int8 docs/s | clip_server docs/s | fp32 / clip_server | int8 / clip_server | int8 / fp32 |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for kind, label in (('text', 'texts (4-20 words)'), ('image', 'images (640x480 JPEG)')):
         row = e[kind]
-        lines.append(f'| {label} | {row["docs"]} | {row["ours_docs_per_s"]:.1f} | {_num(row["clip_server_docs_per_s"], ".1f")} | {_num(row["ratio"])} |')
+        lines.append(
+            f'| {label} | {row["docs"]} | {row["ours_docs_per_s"]:.1f} | {row["ours_int8_docs_per_s"]:.1f} | '
+            f'{_num(row["clip_server_docs_per_s"], ".1f")} | {_num(row["ratio"])} | {_num(row["int8_ratio"])} | {row["int8_vs_fp32"]:.2f} |'
+        )
+    lines += [
+        '',
+        'Where an image\'s time goes: each stage timed alone, one after the other (decode and preprocess on one '
+        'thread); in the encoder a thread pool sized to the cores decodes and preprocesses the next minibatch '
+        'while the model runs the current one. End to end is the encoder\'s own rate from the table above.',
+        '',
+        '| dtype | decode ms/image | preprocess ms/image | model ms/image | stages summed ms/image | end to end ms/image |',
+        '|---|---:|---:|---:|---:|---:|',
+    ]
+    for name, label in (('ours', 'fp32'), ('ours_int8', 'int8')):
+        split = e['image_time_split'][name]
+        per = {stage: 1000 * split[f'{stage}_s'] / split['docs'] for stage in ('decode', 'preprocess', 'model')}
+        lines.append(
+            f'| {label} | {per["decode"]:.1f} | {per["preprocess"]:.1f} | {per["model"]:.1f} | {sum(per.values()):.1f} | '
+            f'{1000 / e["image"][f"{name}_docs_per_s"]:.1f} |'
+        )
     size, hnsw = results['size'], results['hnsw']
     lines += [
         '',
@@ -116,10 +137,11 @@ def plot_overview(results: dict, path: Path) -> None:
     fig, (enc, ann, flow) = plt.subplots(1, 3, figsize=(15, 4.5))
     e = results['encode']
     kinds = ['text', 'image']
-    width = 0.38
-    for offset, (name, key) in zip((-width / 2, width / 2), (('ours', 'ours_docs_per_s'), ('clip_server', 'clip_server_docs_per_s'))):
+    width = 0.27
+    series = (('ours fp32', 'ours_docs_per_s'), ('ours int8', 'ours_int8_docs_per_s'), ('clip_server', 'clip_server_docs_per_s'))
+    for offset, (name, key) in zip((-width, 0, width), series):
         enc.bar([i + offset for i in range(2)], [e[k][key] or 0 for k in kinds], width, label=name)  # 0: not measured
-    enc.set_xticks(range(2), [f'{k}\n(ours {_num(e[k]["ratio"])}x)' for k in kinds])
+    enc.set_xticks(range(2), [f'{k}\n(fp32 {_num(e[k]["ratio"])}x, int8 {_num(e[k]["int8_ratio"])}x)' for k in kinds])
     enc.set_ylabel('docs/s')
     enc.set_title('Encode, ViT-B-32 (CPU)')
     enc.legend()

@@ -6,8 +6,9 @@
 
 Sections, each in processes of its own (annlite and hnswlib cannot share one):
 
-* encode: our CLIPEncoder vs clip_server's (clip_server.executors.clip_torch) on the same random
-  ViT-B-32 weights, batch size and torch threads, driven turn by turn; texts and images, docs/s;
+* encode: our CLIPEncoder in fp32 and in int8 (``dtype``) vs clip_server's
+  (clip_server.executors.clip_torch) on the same random ViT-B-32 weights, batch size and torch
+  threads, driven turn by turn; texts and images, docs/s, and the image path's time split;
 * search: clustered 512-d vectors, our AnnLiteIndexer (and the bare annlite under it) vs hnswlib
   (same M, ef_construction, ef_search) and faiss flat (exact, the ground truth): build time, QPS
   (one query per call, one thread), recall@10, memory;
@@ -119,38 +120,46 @@ class Worker:
 
 
 def bench_encode(size: dict, cache: Path, threads: int, with_clip_server: bool = True) -> dict:
-    """Ours vs clip_server's CLIPEncoder, turn by turn on the same inputs; docs/s and paired ratios.
+    """Ours in fp32 and in int8 vs clip_server's CLIPEncoder, turn by turn on the same inputs; docs/s,
+    paired ratios, and where an image's time goes (decode, preprocess, model) in each of ours.
 
-    Without clip_server (``--no-clip-server``: it is pip-installed on first use) only ours is measured.
+    Without clip_server (``--no-clip-server``: it is pip-installed on first use) only ours are measured.
     """
     task = {'model_dir': str(cache / 'vit-b-32-random'), 'minibatch': 32, 'threads': threads,
             'n_texts': size['texts'], 'n_images': size['images']}  # fmt: skip
-    ours = Worker('encode.py', dict(task, impl='ours'), worker_env())  # writes the weights on first use
-    workers = {'ours': ours}
+    workers = {'ours': Worker('encode.py', dict(task, impl='ours'), worker_env())}  # writes the weights on first use
+    workers['ours_int8'] = Worker('encode.py', dict(task, impl='ours', dtype='int8'), worker_env())
     if with_clip_server:
         workers['clip_server'] = Worker('encode.py', dict(task, impl='clip_server'), worker_env(ensure_clip_server(cache)))
     try:
-        agreement = embedding_agreement(ours, workers['clip_server']) if with_clip_server else None
-        result = {'model': 'ViT-B-32 (open_clip config, random weights)', 'minibatch_size': 32,
-                  'torch_threads': threads, 'min_cosine_ours_vs_clip_server': agreement}  # fmt: skip
+        agreement = embedding_agreement(workers['ours'], workers['clip_server']) if with_clip_server else None
+        result = {'model': 'ViT-B-32 (open_clip config, random weights)', 'minibatch_size': 32, 'torch_threads': threads,
+                  'min_cosine_ours_vs_clip_server': agreement,
+                  'min_cosine_int8_vs_fp32': embedding_agreement(workers['ours'], workers['ours_int8'])}  # fmt: skip
         for kind, n in (('text', size['texts']), ('image', size['images'])):
-            rates = {name: [] for name in workers}
+            rates: dict[str, list[float]] = {name: [] for name in workers}
             for _ in range(size['rounds']):
                 for name, worker in workers.items():
                     answer = worker.ask(f'{kind} {n}')
                     rates[name].append(answer['docs'] / answer['seconds'])
             theirs = rates.get('clip_server')
-            ratios = [a / b for a, b in zip(rates['ours'], theirs)] if theirs else []
-            result[kind] = {'docs': n, 'rounds': size['rounds'], 'ours_docs_per_s': median(rates['ours']),
-                            'clip_server_docs_per_s': median(theirs) if theirs else None,
-                            'ratio': median(ratios) if ratios else None, 'ratios': ratios}  # fmt: skip
+            result[kind] = {'docs': n, 'rounds': size['rounds'], 'clip_server_docs_per_s': None,
+                            'ratio': _paired(rates['ours'], theirs) if theirs else None,
+                            'int8_ratio': _paired(rates['ours_int8'], theirs) if theirs else None,
+                            'int8_vs_fp32': _paired(rates['ours_int8'], rates['ours']), 'rates': rates,
+                            **{f'{name}_docs_per_s': median(r) for name, r in rates.items()}}  # fmt: skip
             log(f'encode {kind}: ' + ', '.join(f'{name} {median(r):.1f}/s' for name, r in rates.items()))
-        ratios = (result['text']['ratio'], result['image']['ratio'])
-        result['ratio'] = math.sqrt(ratios[0] * ratios[1]) if with_clip_server else None
+        result['image_time_split'] = {name: workers[name].ask(f'split {size["images"]}') for name in ('ours', 'ours_int8')}
+        result['ratio'] = math.sqrt(result['text']['ratio'] * result['image']['ratio']) if with_clip_server else None
         return result
     finally:
         for worker in workers.values():
             worker.close()
+
+
+def _paired(ours: list[float], theirs: list[float]) -> float:
+    """Median of the per-round ratios (each round measured both under the same load)."""
+    return median([a / b for a, b in zip(ours, theirs)])
 
 
 def embedding_agreement(ours: Worker, theirs: Worker) -> float:

@@ -23,11 +23,12 @@ from clip_search.flowconfig import (
     DEFAULT_FLOW,
     FlowConfigError,
     build_flow,
+    check_encoder_dtype,
     media_policy_of,
     model_name_of,
     prepare_flow_config,
 )
-from clip_search.models import ModelUnavailableError
+from clip_search.models import DTYPES, ModelUnavailableError
 from clip_search.web.server import WebServerError, bind_web_socket
 
 
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         '--model',
         help='CLIP model: a clip-server name (ViT-B-32::openai), any open_clip ARCH::TAG, hf-hub:ORG/REPO, '
         'a local checkpoint directory in open_clip hub layout, or mini::shapes (bundled, offline)',
+    )
+    parser.add_argument(
+        '--dtype',
+        choices=DTYPES,
+        help='how the encoder runs the model (clip_server\'s dtype): fp32 (the CPU default), int8 (CPU only: '
+        'linear layers quantized at load, about 1.5x faster, embeddings within 0.99 cosine of fp32) or fp16 '
+        '(CUDA only, the CUDA default)',
     )
     parser.add_argument('--tls-cert', help='PEM certificate: serve gRPC over TLS (clients use grpcs://); needs --tls-key')
     parser.add_argument('--tls-key', help='PEM private key of --tls-cert')
@@ -255,6 +263,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             port=args.port,
             host=args.host,
             model=args.model,
+            dtype=args.dtype,
             shards=args.shards,
             workspace=args.workspace,
             tls_cert=args.tls_cert,
@@ -263,6 +272,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             allow_paths=args.allow_path,
             allow_hosts=args.allow_host,
         )
+        check_encoder_dtype(config)  # serve only: an exported container may have another device
         web_socket = open_web_port(config, args.web_port, args.web_host)
     except (ModelUnavailableError, FlowConfigError, WebServerError, OSError, yaml.YAMLError) as exc:
         print(f'clip-search: {exc}', file=sys.stderr)

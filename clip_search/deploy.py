@@ -41,7 +41,7 @@ from clip_search.flowconfig import (
     find_executor,
     prepare_flow_config,
 )
-from clip_search.models import ModelUnavailableError
+from clip_search.models import DTYPES, ModelUnavailableError
 
 DEFAULT_IMAGE = f'clip-search:{__version__}'
 WORKSPACE_MOUNT = '/workspace'  # the indexer's workspace inside a container
@@ -69,6 +69,7 @@ def build_export_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         '--model', help='CLIP model, as for serving; its weights are downloaded in the container, not here'
     )
+    parser.add_argument('--dtype', choices=DTYPES, help='how the encoder runs the model, as for serving (fp32, int8, fp16)')
     parser.add_argument('--port', type=int, help='gRPC port the gateway publishes (the YAML says 61000)')
     parser.add_argument('--image', default=DEFAULT_IMAGE, help=f'image of every service (default {DEFAULT_IMAGE})')
     parser.add_argument(
@@ -83,7 +84,7 @@ def export_main(argv: Sequence[str]) -> int:
     args = build_export_parser().parse_args(argv)
     try:
         config = prepare_flow_config(
-            args.flow, fetch_weights=False, shards=args.shards, model=args.model, port=args.port
+            args.flow, fetch_weights=False, shards=args.shards, model=args.model, port=args.port, dtype=args.dtype
         )
         command = ' '.join([args.flow, *_given_options(args)])
         if args.target == 'docker-compose':
@@ -291,7 +292,7 @@ def _offline_export(image: str) -> Iterator[None]:
 
 def _given_options(args: argparse.Namespace) -> list[str]:
     options = []
-    for option in ('shards', 'model', 'port'):
+    for option in ('shards', 'model', 'dtype', 'port'):
         if getattr(args, option) is not None:
             options += [f'--{option}', str(getattr(args, option))]
     if args.image != DEFAULT_IMAGE:

@@ -6,13 +6,14 @@ would be served.
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import yaml
 
-from clip_search.models import ensure_weights, resolve_model
+from clip_search.models import DTYPES, DtypeError, check_dtype, ensure_weights, resolve_model
 
 DEFAULT_FLOW = 'search_flow.yml'
 ENCODER_CLASS = 'CLIPEncoder'
@@ -77,6 +78,7 @@ def load_flow_config(
     protocol: Optional[str] = None,
     allow_paths: Sequence[str] = (),
     allow_hosts: Sequence[str] = (),
+    dtype: Optional[str] = None,
 ) -> dict:
     """Read the Flow YAML and apply the command-line overrides (``allow_*`` add to the YAML's lists)."""
     flow_file = resolve_flow_file(flow_file)
@@ -103,6 +105,11 @@ def load_flow_config(
     if model is not None:
         _section(encoder, 'uses_with')['name'] = model
     _allow(_section(encoder, 'uses_with'), allow_paths, allow_hosts)
+    if dtype is not None:
+        _section(encoder, 'uses_with')['dtype'] = dtype
+    declared_dtype = (encoder.get('uses_with') or {}).get('dtype')
+    if declared_dtype is not None and declared_dtype not in DTYPES:  # the device check is the encoder's, at its start
+        raise FlowConfigError(f'the encoder\'s dtype {declared_dtype!r} is unknown: use one of {", ".join(DTYPES)}')
     if shards is not None:
         if shards < 1:
             raise FlowConfigError(f'--shards must be at least 1, not {shards}')
@@ -257,6 +264,25 @@ def prepare_flow_config(flow_file: str | Path, fetch_weights: bool = True, **ove
         ensure_weights(spec)
     set_index_dimension(config, spec.embed_dim, model_name)
     return config
+
+
+def check_encoder_dtype(config: dict) -> None:
+    """Refuse, before anything starts, a dtype the encoder's device cannot run (fp16 on a CPU, int8 on CUDA)."""
+    encoder_with = find_executor(config, ENCODER_CLASS).get('uses_with') or {}
+    dtype = encoder_with.get('dtype')
+    if dtype in (None, 'fp32'):  # runs anywhere
+        return
+    try:
+        check_dtype(dtype, encoder_with.get('device') or _default_device())
+    except DtypeError as exc:
+        raise FlowConfigError(str(exc)) from None
+
+
+def _default_device() -> str:
+    """The encoder's default device: cuda when torch sees one (asked in a child: the CLI does not load torch)."""
+    probe = 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")'
+    result = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True, timeout=120)
+    return result.stdout.strip() or 'cpu'
 
 
 def _section(mapping: dict, key: str) -> dict:

@@ -11,6 +11,9 @@ Accepted names (``--model``):
 
 Weights are fetched once into :func:`cache_dir` and reused; when they cannot be had, a
 :class:`ModelUnavailableError` says in one sentence what to do.
+
+``dtype`` (clip_server's name) says how the model runs: ``fp32`` (the CPU default), ``fp16`` (the
+CUDA default) or ``int8`` (CPU: the linear layers quantized once at load, see :func:`quantize_int8`).
 """
 
 from __future__ import annotations
@@ -24,16 +27,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+
 BUNDLED_MODELS: dict[str, Path] = {
     'mini::shapes': Path(__file__).parent / 'demo_model',
 }
 HUB_CONFIG = 'open_clip_config.json'
 HUB_WEIGHTS = ('open_clip_model.safetensors', 'open_clip_pytorch_model.bin')
 DEFAULT_MODEL = 'ViT-B-32::openai'
+DTYPES = ('fp32', 'fp16', 'int8')  # clip_server's names
+DTYPE_DEVICES = {'fp32': ('cpu', 'cuda'), 'fp16': ('cuda',), 'int8': ('cpu',)}  # where each one runs
 
 
 class ModelUnavailableError(RuntimeError):
     """The model name is unknown or its weights cannot be loaded; the message says what to do."""
+
+
+class DtypeError(ValueError):
+    """A dtype that is unknown or that the device cannot run; the message says what to use."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,8 @@ class LoadedModel:
     model: Any  # open_clip.CLIP
     preprocess: Callable  # PIL.Image -> torch.Tensor [3, H, W]
     tokenizer: Callable  # list[str] -> torch.LongTensor [N, context_length]
+    dtype: str = 'fp32'  # how it runs: one of DTYPES
+    input_dtype: Any = None  # torch dtype the image tower takes (float16 for fp16, else float32)
 
 
 def cache_dir() -> Path:
@@ -101,16 +114,38 @@ def ensure_weights(spec: ModelSpec) -> None:
         raise _offline_error(spec.name, exc) from exc
 
 
-def load_model(spec: ModelSpec, device: str = 'cpu') -> LoadedModel:
-    """Load the model, its preprocessing and tokenizer for inference on ``device``."""
-    import open_clip
+def check_dtype(dtype: str | None, device: str) -> str:
+    """The dtype to run on ``device``: ``dtype``, or clip_server's default (fp16 on CUDA, else fp32).
 
+    Raises :class:`DtypeError` in one sentence for a dtype the device cannot run.
+    """
+    kind = str(device).split(':')[0]
+    if dtype is None:
+        return 'fp16' if kind == 'cuda' else 'fp32'
+    if dtype not in DTYPES:
+        raise DtypeError(f'dtype {dtype!r} is unknown: use one of {", ".join(DTYPES)}.')
+    if kind not in DTYPE_DEVICES[dtype]:
+        runs_here = [d for d in DTYPES if kind in DTYPE_DEVICES[d]]
+        raise DtypeError(
+            f'dtype {dtype} cannot run on {device} (it needs {" or ".join(DTYPE_DEVICES[dtype])}): '
+            f'use {" or ".join(runs_here)} there.'
+        )
+    return dtype
+
+
+def load_model(spec: ModelSpec, device: str = 'cpu', dtype: str | None = None) -> LoadedModel:
+    """Load the model, its preprocessing and tokenizer for inference on ``device`` in ``dtype``."""
+    import open_clip
+    import torch
+
+    dtype = check_dtype(dtype, device)
     ensure_weights(spec)
     try:
         with _hub_access():
             model, _, preprocess = open_clip.create_model_and_transforms(
                 spec.open_clip_name,
                 pretrained=spec.pretrained,
+                precision='fp16' if dtype == 'fp16' else 'fp32',
                 device=device,
                 cache_dir=str(cache_dir()),
             )
@@ -118,7 +153,70 @@ def load_model(spec: ModelSpec, device: str = 'cpu') -> LoadedModel:
     except Exception as exc:
         raise ModelUnavailableError(f'Could not load model {spec.name!r}: {exc}') from exc
     model.eval()
-    return LoadedModel(spec=spec, model=model, preprocess=preprocess, tokenizer=tokenizer)
+    if dtype == 'int8':
+        model = quantize_int8(model)
+    preprocess = normalise_in_numpy(preprocess)
+    input_dtype = torch.float16 if dtype == 'fp16' else torch.float32
+    return LoadedModel(spec, model, preprocess, tokenizer, dtype=dtype, input_dtype=input_dtype)
+
+
+class NumpyToNormalisedTensor:
+    """torchvision's ``ToTensor`` then ``Normalize(mean, std)``, the same float32 arithmetic in numpy.
+
+    In torch each of these element-wise ops on one small image opens a parallel region over torch's
+    threads, which the model's forward pass holds: on a busy 2-core machine the pair cost ~125 ms per
+    image (measured), numpy ~2 ms.
+    """
+
+    def __init__(self, mean, std):
+        self.mean = np.asarray(mean, dtype=np.float32)[:, None, None]
+        self.std = np.asarray(std, dtype=np.float32)[:, None, None]
+
+    def __call__(self, image):
+        import torch
+
+        pixels = np.asarray(image, dtype=np.uint8)
+        pixels = pixels[:, :, None] if pixels.ndim == 2 else pixels
+        chw = pixels.transpose(2, 0, 1).astype(np.float32, order='C') / np.float32(255)
+        return torch.from_numpy((chw - self.mean) / self.std)
+
+    def __repr__(self) -> str:
+        return f'{type(self).__name__}(mean={self.mean.ravel().tolist()}, std={self.std.ravel().tolist()})'
+
+
+def normalise_in_numpy(preprocess):
+    """open_clip's preprocessing with its ``ToTensor, Normalize`` tail done by :class:`NumpyToNormalisedTensor`;
+    any other pipeline is returned as it is."""
+    from torchvision.transforms import Compose, Normalize, ToTensor
+
+    steps = list(getattr(preprocess, 'transforms', []))
+    if len(steps) < 2 or not isinstance(steps[-2], ToTensor) or not isinstance(steps[-1], Normalize):
+        return preprocess
+    return Compose([*steps[:-2], NumpyToNormalisedTensor(steps[-1].mean, steps[-1].std)])
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of the model's ``nn.Linear`` layers (weights int8, activations per batch).
+
+    torch's own ``quantize_dynamic``, not torchao's ``Int8DynamicActivationInt8WeightConfig``: in eager
+    mode on CPU torchao's ran a ViT-B-32 at 0.3 images/s (it needs torch.compile), torch's fbgemm/x86
+    kernels at 1.5-1.7x fp32; torch marks the API deprecated but ships and runs it (2.14).
+    The attention's own projections (``nn.MultiheadAttention``) stay fp32, as torch leaves them.
+    """
+    import warnings
+
+    import torch
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)
+        warnings.filterwarnings('ignore', message='.*quantize_per_tensor.*')
+        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    for module in model.modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            # open_clip's hook for int8 layers: Transformer.get_cast_dtype() reads it (a quantized .weight is a method)
+            module.int8_original_dtype = torch.float32
+    return model
 
 
 def _local_dir_spec(name: str, path: Path) -> ModelSpec:

@@ -109,6 +109,17 @@ def shapes_service(tmp_path_factory):
     service.stop()
 
 
+@pytest.fixture
+def fp32_and_int8_services(tmp_path):
+    """mini::shapes served twice, as is and with ``--dtype int8``, each on an empty index."""
+    services = []
+    for dtype in ('fp32', 'int8'):
+        services.append(start_service('mini::shapes', tmp_path / dtype, shards=2, flow_file=FLOW_FILE, extra_args=('--dtype', dtype)))
+    yield services
+    for service in services:
+        service.stop()
+
+
 def test_the_bundled_model_loads_by_name_without_download():
     spec = resolve_model('mini::shapes')
     assert spec.open_clip_name.startswith('local-dir:') and spec.embed_dim > 0
@@ -124,6 +135,18 @@ def test_held_out_images_and_captions_find_each_other(shapes_service):
 def test_shapes_drawn_by_another_renderer_are_still_recognised(shapes_service):
     text_to_image, image_to_text = cross_modal_top1(shapes_service.client(), other_renderer_images())
     assert text_to_image >= 0.9 and image_to_text >= 0.9, (text_to_image, image_to_text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('test_set', [held_out_images, other_renderer_images], ids=['held_out', 'other_renderer'])
+def test_int8_finds_what_fp32_finds(fp32_and_int8_services, test_set):
+    fp32_service, int8_service = fp32_and_int8_services
+    images = test_set()
+    fp32 = cross_modal_top1(fp32_service.client(), images)
+    int8 = cross_modal_top1(int8_service.client(), images)
+    # int8 scales activations per minibatch, so an image whose two best captions are within ~0.005 can flip
+    assert int8[0] == fp32[0] and abs(int8[1] - fp32[1]) <= 1 / len(images) and min(int8) >= 0.9, (int8, fp32)
+    assert 'dtype int8 on cpu' in int8_service.log() and 'dtype fp32 on cpu' in fp32_service.log()
 
 
 @pytest.mark.slow
