@@ -78,7 +78,13 @@ def open_index(**annlite_kwargs):
         annlite.container.DocStorage = original
     # annlite's id table indexes its write time for its own snapshot naming, which the shard does not use
     index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
+    single_threaded(index)
     return index
+
+
+def single_threaded(index) -> None:
+    """One HNSW thread per shard: annlite's default (all cores) makes shards on one machine fight."""
+    index.vec_index(0)._index.set_num_threads(1)
 
 
 def indexed_count(index) -> int:
@@ -170,6 +176,7 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     vectors = index.vec_index(0)
     vectors.load(source / 'hnsw.bin')
     vectors._capacity = vectors._index.get_max_elements()  # annlite keeps its own count of the capacity
+    single_threaded(index)
     index.cell_table(0).load(source / 'cells.db')
     index.meta_table.load(source / 'meta.db')
     index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
@@ -222,6 +229,7 @@ def unindex(index, ids: Iterable[str]) -> None:
 def reset(index) -> None:
     """Empty the graph and annlite's tables (before a rebuild from the document store)."""
     index.vec_index(0).reset()
+    single_threaded(index)
     index.cell_table(0).clear()
     index.meta_table.clear()
     index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')

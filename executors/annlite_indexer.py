@@ -88,7 +88,7 @@ class AnnLiteIndexer(Executor):
             ef_search=ef_search,
             max_connection=max_connection,
         )
-        self._lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
+        self._write_lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
         self._loaded = threading.Event()
         self._load_error: Optional[str] = None
         self._journal = None
@@ -129,7 +129,7 @@ class AnnLiteIndexer(Executor):
 
     def close(self) -> None:
         """A graceful stop: snapshot what changed, so the next start loads instead of replaying."""
-        with self._lock:
+        with self._write_lock:
             if self._loaded.is_set():
                 if self._journal.changes:
                     self._snapshot()
@@ -201,7 +201,7 @@ class AnnLiteIndexer(Executor):
 
     def _write(self, op: str, ids: list, apply: Callable[[], None]) -> None:
         """Journal the ids, apply the write, snapshot when the journal has grown past the checkpoint."""
-        with self._lock:
+        with self._write_lock:
             self._journal.record(op, list(ids))
             apply()
             if self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
