@@ -91,6 +91,7 @@ class AnnLiteIndexer(Executor):
         self._write_lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
         self._loaded = threading.Event()
         self._load_error: Optional[str] = None
+        self.loaded_how: Optional[str] = None  # the start's path: snapshot + replay, or rebuild and why
         self._journal = None
         if self._index.total_docs == 0:
             self._start_empty()
@@ -184,6 +185,7 @@ class AnnLiteIndexer(Executor):
             self._journal = store.Journal(folder, last)
             if replayed:  # the next start loads this one instead of replaying or rebuilding again
                 self._snapshot()
+            self.loaded_how = path
             self._loaded.set()
             seconds = time.monotonic() - started
             self.logger.info(f'shard {self.shard_id}/{self.shards}: {path} in {seconds:.1f} s; searchable')
