@@ -149,14 +149,19 @@ def wait_documents(service, expected: int, started: float, timeout: float = 1800
     raise TimeoutError(f'/status did not count {expected} documents in {timeout} s')
 
 
-async def index_rows(address: str, corpus, rows, request_size: int = 1000) -> float:
+async def index_rows(address: str, corpus, rows, request_size: int = 1000, in_flight: int = 4) -> float:
+    """Send the rows, ``request_size`` a request, at most ``in_flight`` requests unanswered.
+
+    Without a bound Jina's client streams every request at once, and the gateway, the head and the
+    shards queue hundreds of them: gigabytes of resident memory that are the client's doing.
+    """
     from docarray import Document
     from jina import Client
 
     client = Client(host=address, asyncio=True)
     docs = (Document(id=f'd{i}', embedding=np.asarray(corpus[i])) for i in rows)
     started = time.perf_counter()
-    async for answer in client.post('/index', inputs=docs, request_size=request_size):
+    async for answer in client.post('/index', inputs=docs, request_size=request_size, prefetch=in_flight):
         assert answer[0].embedding is None  # answers carry ids only
     return time.perf_counter() - started
 
