@@ -2,7 +2,9 @@
 
 Unlike annlite's bundled executor, every write is applied before the request returns (no
 background buffer): an acknowledged document is searchable at once and survives a crash, because
-annlite writes its document store with ``sync=True`` and rebuilds the HNSW graph from it on start.
+annlite writes its document store with ``sync=True``. A restart loads the last snapshot of the
+graph and replays the journalled writes after it (``clip_search.shard_store``) in a background
+thread; until then every request fails fast with "shard k is loading".
 
 Placement (docs/design.md) follows the Flow's polling of /index: polled ``ANY``, the shard that
 receives a document stores it; polled ``ALL``, each shard keeps the ids that hash to it (``owner_shard``).
@@ -10,6 +12,8 @@ receives a document stores it; polled ``ALL``, each shard keeps the ids that has
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -48,6 +52,7 @@ class AnnLiteIndexer(Executor):
         ef_search: int = 400,
         max_connection: int = 16,
         index_polling: str = DEFAULT_INDEX_POLLING,
+        snapshot_every: int = 20000,
         *args,
         **kwargs,
     ):
@@ -62,6 +67,9 @@ class AnnLiteIndexer(Executor):
         :param index_polling: the Flow's polling of /index, which decides placement: ``ANY``, the shard
             that receives a document stores it (re-indexing an id adds a copy); ``ALL``, the shard its id
             hashes to (re-indexing replaces). ``python -m clip_search`` sets it from the YAML's polling
+        :param snapshot_every: snapshot the graph after this many written ids (or 5% of the shard,
+            whichever is more), bounding what a restart after a crash replays; a graceful stop
+            always snapshots
         """
         super().__init__(*args, **kwargs)
         if not n_dim:
@@ -69,11 +77,13 @@ class AnnLiteIndexer(Executor):
                 'AnnLiteIndexer needs n_dim: start the Flow with `python -m clip_search`, '
                 'which sets it from the model, or set uses_with.n_dim to the model embedding size'
             )
-        from annlite import AnnLite  # imported late: annlite and hnswlib cannot share a process
+        from clip_search import shard_store  # imports annlite: late, annlite and hnswlib cannot share a process
 
+        self._store = shard_store
         self.shard_id = int(getattr(self.runtime_args, 'shard_id', 0) or 0)
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
         self.default_limit = limit
+        self.snapshot_every = snapshot_every
         self.columns = [tuple(column) for column in (columns or [])]
         self.index_polling = check_index_polling(index_polling)
         self.settings = {
@@ -83,21 +93,35 @@ class AnnLiteIndexer(Executor):
             'columns': [list(column) for column in self.columns],
             'index_polling': self.index_polling,
         }
-        data_path = self.data_path = Path(self.workspace)
-        _check_or_write_settings(data_path, self.settings)
-        self._index = AnnLite(
+        # a snapshot is used only when the graph was built exactly as this shard would build it
+        self._snapshot_settings = dict(
+            self.settings, shard=self.shard_id, max_connection=max_connection, ef_construction=ef_construction
+        )
+        self._data_path = Path(self.workspace)
+        _check_or_write_settings(self._data_path, self.settings)
+        self._index = shard_store.open_index(
             n_dim=int(n_dim),
             metric=metric,
             columns=self.columns or None,
-            data_path=data_path,
+            data_path=self._data_path,
             ef_construction=ef_construction,
             ef_search=ef_search,
             max_connection=max_connection,
         )
-        _restore_interrupted_replace(self._index, data_path, self.logger)
-        self.logger.info(
-            f'shard {self.shard_id}/{self.shards}: {self._index.total_docs} documents in {data_path}'
-        )
+        self._write_lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
+        self._loaded = threading.Event()
+        self._load_error: Optional[str] = None
+        self.loaded_how: Optional[str] = None  # the start's path: snapshot + replay, or rebuild and why
+        self._journal = None
+        if self._index.total_docs == 0:
+            self._start_empty()
+        else:
+            self.logger.info(f'shard {self.shard_id}/{self.shards}: loading {self._index.total_docs} documents')
+            threading.Thread(target=self._load, name=f'shard-{self.shard_id}-loading', daemon=True).start()
+
+    def wait_loaded(self, timeout: Optional[float] = None) -> bool:
+        """Block until the shard is searchable (True) or ``timeout`` seconds passed (False)."""
+        return self._loaded.wait(timeout)
 
     @requests(on='/index')
     def index(self, docs: DocumentArray, **kwargs) -> DocumentArray:
@@ -131,14 +155,22 @@ class AnnLiteIndexer(Executor):
         return self._answer(self._status)
 
     def close(self) -> None:
-        self._index.close()
+        """A graceful stop: snapshot what changed, so the next start loads instead of replaying."""
+        with self._write_lock:
+            if self._loaded.is_set():
+                if self._journal.changes:
+                    self._snapshot()
+                self._journal.close()
+                self._index.close()  # while loading, the loader thread still uses it: the process exit closes it
         super().close()
 
     def _answer(self, handler: Callable, *args) -> DocumentArray:
         """Run a handler; in a sharded index, report the outcome in-band for the merger to read."""
         if self.shards == 1:
+            self._check_loaded()
             return handler(*args)
         try:
+            self._check_loaded()
             answer = handler(*args)
         except Exception as exc:
             self.logger.error(f'shard {self.shard_id}: {exc!r}')
@@ -146,11 +178,77 @@ class AnnLiteIndexer(Executor):
         answer.append(shard_marker(self.shard_id))
         return answer
 
+    def _check_loaded(self) -> None:
+        if self._load_error:
+            raise RuntimeError(f'shard {self.shard_id} failed to load its index: {self._load_error}')
+        if not self._loaded.is_set():
+            raise ShardLoading(f'shard {self.shard_id} is loading its index; retry in a few seconds')
+
+    def _start_empty(self) -> None:
+        """No documents: forget any old snapshot or journal and start at an empty snapshot."""
+        self._store.remove_older(self._data_path, keep_snapshot=-1)
+        self._journal = self._store.Journal(self._data_path, 0)
+        self._snapshot()
+        self._restore_after_crash()
+        self._loaded.set()
+        self.logger.info(f'shard {self.shard_id}/{self.shards}: empty index in {self._data_path}')
+
+    def _load(self) -> None:
+        """Load the snapshot and replay the journal, or rebuild from the store; log which, in one line."""
+        store, folder, started = self._store, self._data_path, time.monotonic()
+        try:
+            try:
+                generation, documents = store.load_snapshot(self._index, folder, self._snapshot_settings)
+                replayed = store.replay(self._index, store.journalled_ids(folder, generation))
+                indexed, stored = store.indexed_count(self._index), self._index.total_docs
+                if indexed != stored:
+                    raise store.SnapshotError(f'snapshot-{generation} and its journal index {indexed} documents, the store holds {stored}')
+                path = f'loaded snapshot-{generation} ({documents} documents) and replayed {replayed} changed ids'
+            except Exception as exc:  # noqa: BLE001 - any unusable snapshot: the store still has everything
+                store.reset(self._index)
+                path = f'rebuilt {store.rebuild(self._index)} documents from the document store ({exc})'
+                replayed = 1
+            last = max(store.generations(folder, store.JOURNAL) + store.generations(folder, store.SNAPSHOT), default=0)
+            self._journal = store.Journal(folder, last)
+            if replayed:  # the next start loads this one instead of replaying or rebuilding again
+                self._snapshot()
+            self._restore_after_crash()
+            self.loaded_how = path
+            self._loaded.set()
+            seconds = time.monotonic() - started
+            self.logger.info(f'shard {self.shard_id}/{self.shards}: {path} in {seconds:.1f} s; searchable')
+        except Exception as exc:  # noqa: BLE001 - reported to every request instead of "loading" forever
+            self._load_error = f'{type(exc).__name__}: {exc}'
+            self.logger.error(f'shard {self.shard_id}/{self.shards}: loading failed: {self._load_error}')
+
+    def _restore_after_crash(self) -> None:
+        """Put back the old versions of a replace that a crash cut short, journalled like any write."""
+        replace_journal = self._data_path / REPLACE_JOURNAL
+        if replace_journal.exists():
+            ids = DocumentArray.from_bytes(replace_journal.read_bytes())[:, 'id']
+            self._write('put', ids, lambda: _restore_interrupted_replace(self._index, self._data_path, self.logger))
+
+    def _snapshot(self) -> None:
+        """Start a new journal generation, dump the graph and tables, drop what the snapshot holds."""
+        started = time.monotonic()
+        self._journal.rotate()
+        self._store.write_snapshot(self._index, self._data_path, self._journal.generation, self._snapshot_settings)
+        self._store.remove_older(self._data_path, keep_snapshot=self._journal.generation)
+        self.logger.debug(f'shard {self.shard_id}: snapshot-{self._journal.generation} in {time.monotonic() - started:.1f} s')
+
+    def _write(self, op: str, ids: list, apply: Callable[[], None]) -> None:
+        """Journal the ids, apply the write, snapshot when the journal has grown past the checkpoint."""
+        with self._write_lock:
+            self._journal.record(op, list(ids))
+            apply()
+            if self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
+                self._snapshot()
+
     def _index_docs(self, docs: DocumentArray) -> DocumentArray:
         mine = self._owned(docs) if self.index_polling == ALL else self._all_checked(docs)
         if mine:
-            self._replace(mine)
-        return docs
+            self._write('put', mine[:, 'id'], lambda: self._replace(mine))
+        return _ids_only(docs)
 
     def _update_docs(self, docs: DocumentArray) -> DocumentArray:
         if self.index_polling == ANY:  # any shard may hold a copy: update the ones held here
@@ -161,8 +259,8 @@ class AnnLiteIndexer(Executor):
             if missing:
                 raise ValueError(f'cannot update documents that are not indexed: {missing[:10]} (use /index)')
         if mine:
-            self._replace(mine)
-        return docs
+            self._write('put', mine[:, 'id'], lambda: self._replace(mine))
+        return _ids_only(docs)
 
     def _held(self, docs: DocumentArray) -> DocumentArray:
         """The check pass of /update: which of the ids this shard holds (the documents need no embedding)."""
@@ -174,7 +272,7 @@ class AnnLiteIndexer(Executor):
     def _delete_docs(self, docs: DocumentArray) -> DocumentArray:
         present = [doc.id for doc in docs if self._contains(doc.id)]
         if present:
-            self._index.delete(present)
+            self._write('del', present, lambda: self._index.delete(present))
         present_ids = set(present)
         return DocumentArray(Document(id=doc.id, tags={'deleted': doc.id in present_ids}) for doc in docs)
 
@@ -203,20 +301,35 @@ class AnnLiteIndexer(Executor):
 
         Same graph, same ef, same answer as ``AnnLite.search``, but the profile of that call
         (bench/results/*/profile_search.txt) shows it spending more time around the HNSW query than
-        in it: a SQL ``count`` of the whole table per query (linear in the index size), a throwaway
-        ``Document`` per match, and one key-value lookup per match. Here the count is the store's
-        cached size and the matches come from one multi-get.
+        in it: one HNSW call and a SQL ``count`` of the whole table per query, a throwaway
+        ``Document`` per match, and one key-value lookup per match. Here all queries go to HNSW as
+        one matrix, the offsets become ids in one SQL query, and each query's matches come from one
+        multi-get.
         """
-        vectors, table, store = self._index.vec_index(0), self._index.cell_table(0), self._index.doc_store(0)
+        from annlite.math import l2_normalize
+
+        vectors, store = self._index.vec_index(0), self._index.doc_store(0)
         k = min(limit, self._index.total_docs)
-        for doc in docs:
-            distances, offsets = vectors.search(np.asarray(doc.embedding, dtype=np.float32), limit=k)
-            ids = [table.get_docid_by_offset(int(offset)) for offset in offsets]
-            distance_of = dict(zip(ids, distances))
+        queries = np.asarray(docs.embeddings, dtype=np.float32).reshape(len(docs), -1)
+        vectors._index.set_ef(max(vectors.ef_search, k))
+        offsets, distances = vectors._index.knn_query(l2_normalize(queries), k=k, num_threads=1)
+        id_of = self._ids_of_offsets(np.unique(offsets).tolist())
+        for doc, row_offsets, row_distances in zip(docs, offsets, distances):
+            ids = [id_of.get(int(offset)) for offset in row_offsets]
+            distance_of = dict(zip(ids, row_distances))
             matches = store.get([i for i in ids if i is not None])
             for match in matches:
                 _finish_match(match, distance_of[match.id])
             doc.matches = matches
+
+    def _ids_of_offsets(self, offsets: list) -> dict:
+        """HNSW offsets to document ids, one SQL query per 900 offsets (annlite asks one per offset)."""
+        table, id_of = self._index.cell_table(0), {}
+        for start in range(0, len(offsets), 900):  # SQLite's limit of bound parameters is 999 in old builds
+            chunk = [offset + 1 for offset in offsets[start : start + 900]]  # annlite's row id is offset + 1
+            sql = f'SELECT _id - 1, _doc_id FROM {table.name} WHERE _id IN ({",".join("?" * len(chunk))})'
+            id_of.update(table._conn.execute(sql, chunk).fetchall())
+        return id_of
 
     def _status(self) -> DocumentArray:
         return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings)])
@@ -241,17 +354,19 @@ class AnnLiteIndexer(Executor):
         if not existing:
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
             return
-        _write_atomically(self.data_path / REPLACE_JOURNAL, self._index.doc_store(0).get(existing).to_bytes())
+        _write_atomically(self._data_path / REPLACE_JOURNAL, self._index.doc_store(0).get(existing).to_bytes())
         try:
             self._index.delete(existing)
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
         except Exception:
-            _restore_interrupted_replace(self._index, self.data_path, self.logger)  # the old versions, at once
+            _restore_interrupted_replace(self._index, self._data_path, self.logger)  # the old versions, at once
             raise
-        _remove_durably(self.data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
+        _remove_durably(self._data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
 
     def _check_embeddings(self, docs: DocumentArray) -> None:
         n_dim = self.settings['n_dim']
+        if _all_finite_rows(docs, n_dim):  # one check of the stacked matrix; the loop below names the culprit
+            return
         for doc in docs:
             embedding = doc.embedding
             if embedding is None:
@@ -261,6 +376,26 @@ class AnnLiteIndexer(Executor):
                 raise ValueError(f'document {doc.id!r}: embedding has shape {shape}, the index needs ({n_dim},)')
             if not np.all(np.isfinite(embedding)):
                 raise ValueError(f'document {doc.id!r}: embedding has NaN or infinite values')
+
+
+class ShardLoading(RuntimeError):
+    """The shard is loading its index after a start; the request can be retried in seconds."""
+
+
+def _ids_only(docs: DocumentArray) -> DocumentArray:
+    """What /index and /update answer: the ids, not the embeddings and bytes the client just sent."""
+    for doc in docs:  # emptied in place: 10x cheaper than a new Document per id (docarray's constructor)
+        doc.pop(*[field for field in doc.non_empty_fields if field != 'id'])
+    return docs
+
+
+def _all_finite_rows(docs: DocumentArray, n_dim: int) -> bool:
+    """Whether every document has a finite embedding of ``n_dim`` values (False: look closer)."""
+    try:
+        matrix = docs.embeddings
+    except Exception:  # noqa: BLE001 - missing or ragged embeddings: the per-document check explains
+        return False
+    return isinstance(matrix, np.ndarray) and matrix.shape == (len(docs), n_dim) and bool(np.isfinite(matrix).all())
 
 
 def _storable(doc: Document) -> Document:

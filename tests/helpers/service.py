@@ -112,6 +112,20 @@ class Service:
         return [int(pid) for pid in out.split()]
 
 
+def wait_searchable_until(service: Service, deadline: float) -> None:
+    """Ask /status until no shard answers that it is loading (other answers are the caller's to judge)."""
+    while True:
+        try:
+            service.client().status()
+            return
+        except Exception as exc:  # noqa: BLE001 - only "is loading" means wait
+            if 'is loading' not in str(exc):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'shards still loading at the deadline: {exc}\n{service.log()[-3000:]}') from exc
+        time.sleep(0.2)
+
+
 def _accepts_connections(port: int) -> bool:
     try:
         socket.create_connection(('127.0.0.1', port), timeout=2).close()
@@ -138,8 +152,11 @@ def start_service(
     ready_timeout: float = 180,
     protocol: str = 'grpc',
     cwd: str | Path | None = None,
+    wait_searchable: bool = True,
 ) -> Service:
     """Start the service on a free port and wait until the Flow answers; raise with its log if not.
+
+    ``wait_searchable`` also waits until no shard says it is loading its index.
 
     ``flow_file=None`` leaves the flow argument out (the CLI then serves its default flow).
     """
@@ -164,6 +181,8 @@ def start_service(
             raise RuntimeError(f'service exited with {process.returncode}:\n{service.log()[-3000:]}')
         # printed once Jina reports every executor ready (works for TLS too, unlike a plaintext probe)
         if 'clip-search is serving' in service.log() and _accepts_connections(port):
+            if wait_searchable:
+                wait_searchable_until(service, deadline)
             return service
         time.sleep(0.5)
     service.stop()

@@ -1,0 +1,341 @@
+"""Scale benchmark (issue 13): N 512-d documents through the real Flow in 2 shards, beside bare hnswlib.
+
+    python bench/scale.py --docs 1000000          # about an hour on 2 cores
+    python bench/scale.py --docs 200000           # the outside check's size
+    python bench/scale.py --docs 5000 --queries 100   # a smoke run
+
+Measures, in one run: indexing docs/s (documents sent with their embeddings, 1,000 a request, so
+only the index path counts), resident memory of every process empty and full, search p50/p99 over
+the Flow and recall@10 against the exact answer, the restart time until ``/status`` counts every
+document after a graceful stop and after ``kill -9`` of every process (with writes, deletes and
+updates after the last snapshot), the single-query QPS of one shard in-process, and bare hnswlib
+on the same split with the same M and ef (in a process of its own: annlite and hnswlib cannot
+share one). Writes ``OUT/scale.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import HNSW, LIMIT, clustered_vectors, exact_top_k, median, percentile, recall_at_k, rss_mib
+
+BENCH = Path(__file__).resolve().parent
+
+
+def log(message: str) -> None:
+    print(f'[scale {time.strftime("%H:%M:%S")}] {message}', flush=True)
+
+
+def split(n: int, shards: int) -> list[np.ndarray]:
+    """Which rows each shard holds: the Flow's own placement (owner_shard of the id 'd<row>')."""
+    from clip_search.sharding import owner_shard
+
+    owners = np.array([owner_shard(f'd{i}', shards) for i in range(n)])
+    return [np.flatnonzero(owners == shard) for shard in range(shards)]
+
+
+# -- bare hnswlib, in its own process -------------------------------------------------------------
+
+
+def run_hnswlib(task: dict) -> dict:
+    import hnswlib
+
+    corpus = np.load(Path(task['data']) / 'corpus.npy', mmap_mode='r')
+    queries = np.load(Path(task['data']) / 'queries.npy')
+    shards, found, build_seconds, load_seconds, single = [], [[] for _ in queries], 0.0, 0.0, None
+    for shard, rows in enumerate(split(len(corpus), task['shards'])):
+        index = hnswlib.Index(space='cosine', dim=corpus.shape[1])
+        index.init_index(max_elements=len(rows), ef_construction=HNSW['ef_construction'], M=HNSW['M'])
+        index.set_num_threads(1)  # one thread per shard, as a shard indexes
+        started = time.perf_counter()
+        for start in range(0, len(rows), 10_000):
+            chunk = rows[start : start + 10_000]
+            index.add_items(np.asarray(corpus[chunk]), chunk)
+        build_seconds += time.perf_counter() - started
+        index.set_ef(HNSW['ef_search'])
+        path = Path(task['data']) / f'hnswlib-{shard}.bin'
+        index.save_index(str(path))
+        started = time.perf_counter()
+        loaded = hnswlib.Index(space='cosine', dim=corpus.shape[1])
+        loaded.load_index(str(path))
+        load_seconds += time.perf_counter() - started
+        path.unlink()
+        del loaded
+        seconds = []
+        for i, query in enumerate(queries):
+            started = time.perf_counter()
+            labels, distances = index.knn_query(query[None], k=LIMIT)
+            seconds.append(time.perf_counter() - started)
+            found[i].extend(zip(distances[0].tolist(), labels[0].tolist()))
+        single = single or len(seconds) / sum(seconds)  # shard 0's single-query QPS
+        shards.append(len(rows))
+        del index
+    merged = [[label for _, label in sorted(row)[:LIMIT]] for row in found]
+    gt = np.load(Path(task['data']) / 'gt.npy')
+    return {
+        'build_docs_per_s_one_thread': len(corpus) / build_seconds,
+        'load_seconds_all_shards': load_seconds,
+        'shard0_single_query_qps': single,
+        'recall_at_10': recall_at_k(merged, gt),
+        'rss_mib': rss_mib(),
+        'shard_sizes': shards,
+    }
+
+
+# -- one shard in-process: single-query QPS of the indexer itself ---------------------------------
+
+
+def run_shard(task: dict) -> dict:
+    from docarray import Document, DocumentArray
+
+    from clip_search.executors.annlite_indexer import AnnLiteIndexer
+
+    queries = np.load(Path(task['data']) / 'queries.npy')
+    folder = Path(task['folder'])
+    settings = json.loads((folder / 'clip_search_index.json').read_text())
+    indexer = AnnLiteIndexer(n_dim=settings['n_dim'], workspace=str(folder.parent.parent), columns=settings['columns'],
+                             runtime_args={'shard_id': task['shard'], 'shards': settings['shards']})  # fmt: skip
+    started = time.perf_counter()
+    indexer.wait_loaded()
+    loaded = time.perf_counter() - started
+    seconds = []
+    for query in queries:
+        docs = DocumentArray([Document(embedding=query)])
+        started = time.perf_counter()
+        indexer.search(docs, parameters={'limit': LIMIT})
+        seconds.append(time.perf_counter() - started)
+    batch = DocumentArray(Document(embedding=q) for q in queries)
+    started = time.perf_counter()
+    indexer.search(batch, parameters={'limit': LIMIT})
+    batch_seconds = time.perf_counter() - started
+    indexer.close()
+    return {'single_query_qps': len(seconds) / sum(seconds), 'batch_qps': len(queries) / batch_seconds, 'load_s': loaded}
+
+
+def worker(kind: str, task: dict) -> dict:
+    out = Path(tempfile.mkstemp(suffix='.json')[1])
+    subprocess.run([sys.executable, __file__, '--worker', kind, json.dumps(task), str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+# -- the Flow --------------------------------------------------------------------------------------
+
+
+def memory(service) -> dict:
+    """Resident MiB of every process of the service, by role (as far as the command line tells)."""
+    return {str(pid): round(rss_mib(pid)) for pid in service.processes()}
+
+
+def wait_documents(service, expected: int, started: float, timeout: float = 1800) -> float:
+    """Seconds from ``started`` until /status counts ``expected`` documents."""
+    client = service.client()
+    while time.monotonic() - started < timeout:
+        try:
+            if client.status()['documents'] == expected:
+                return time.monotonic() - started
+        except Exception:  # noqa: BLE001 - loading or not up yet
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f'/status did not count {expected} documents in {timeout} s')
+
+
+async def index_rows(address: str, corpus, rows, request_size: int = 1000, in_flight: int = 4) -> float:
+    """Send the rows, ``request_size`` a request, at most ``in_flight`` requests unanswered.
+
+    Without a bound Jina's client streams every request at once, and the gateway, the head and the
+    shards queue hundreds of them: gigabytes of resident memory that are the client's doing.
+    """
+    from docarray import Document
+    from jina import Client
+
+    client = Client(host=address, asyncio=True)
+    docs = (Document(id=f'd{i}', embedding=np.asarray(corpus[i])) for i in rows)
+    started = time.perf_counter()
+    async for answer in client.post('/index', inputs=docs, request_size=request_size, prefetch=in_flight):
+        assert answer[0].embedding is None  # answers carry ids only
+    return time.perf_counter() - started
+
+
+async def search_rows(address: str, queries: np.ndarray) -> tuple[list, list[float]]:
+    from docarray import Document, DocumentArray
+    from jina import Client
+
+    client = Client(host=address, asyncio=True)
+    latencies, found = [], []
+    for query in [queries[0], *queries]:  # the first warms the channel up
+        started = time.perf_counter()
+        async for answer in client.post('/search', inputs=DocumentArray([Document(embedding=query)]), parameters={'limit': LIMIT}):
+            ids = [int(i[1:]) for i in answer[0].matches[:, 'id']]
+        latencies.append(time.perf_counter() - started)
+        found.append(ids)
+    return found[1:], latencies[1:]
+
+
+def start(model_dir: Path, workspace: Path, shards: int):
+    from helpers.service import start_service
+
+    return start_service(model_dir, workspace, shards=shards, wait_searchable=False, ready_timeout=600)
+
+
+def run_flow(data: Path, work: Path, shards: int) -> dict:
+    from helpers.service import TINY_MODEL_CFG, write_tiny_model
+
+    corpus = np.load(data / 'corpus.npy', mmap_mode='r')
+    queries = np.load(data / 'queries.npy')
+    gt = np.load(data / 'gt.npy')
+    n = len(corpus)
+    model_dir = write_tiny_model(work / 'model', model_cfg=dict(TINY_MODEL_CFG, embed_dim=corpus.shape[1]))
+    workspace = work / 'workspace'
+    result: dict = {}
+    service = start(model_dir, workspace, shards)
+    try:
+        time.sleep(2)
+        result['rss_empty_mib'] = memory(service)
+        log(f'empty service: {sum(result["rss_empty_mib"].values())} MiB {result["rss_empty_mib"]}')
+        seconds = asyncio.run(index_rows(service.address, corpus, range(n)))
+        result['index_docs_per_s'] = n / seconds
+        log(f'indexed {n} in {seconds:.0f} s: {n / seconds:.0f} docs/s')
+        found, latencies = asyncio.run(search_rows(service.address, queries))
+        result.update(p50_ms=1000 * median(latencies), p99_ms=1000 * percentile(latencies, 99), recall_at_10=recall_at_k(found, gt))
+        time.sleep(2)
+        result['rss_full_mib'] = memory(service)
+        log(f'full service: {sum(result["rss_full_mib"].values())} MiB; search p50 {result["p50_ms"]:.1f} ms, recall {result["recall_at_10"]:.3f}')
+        started = time.monotonic()
+        service.stop(timeout=600)
+        result['graceful_stop_s'] = time.monotonic() - started
+        started = time.monotonic()
+        service = start(model_dir, workspace, shards)
+        result['graceful_restart_serving_s'] = time.monotonic() - started  # the Flow's own start: processes, imports, model
+        result['graceful_restart_s'] = wait_documents(service, n, started)
+        after, _ = asyncio.run(search_rows(service.address, queries[:200]))
+        result['same_answers_after_graceful_restart'] = after == found[:200]
+        log(f'graceful restart: stop {result["graceful_stop_s"]:.1f} s, searchable after {result["graceful_restart_s"]:.1f} s')
+        result.update(kill9_check(service, corpus, queries, n))
+        started = time.monotonic()
+        service.kill()
+        service = start(model_dir, workspace, shards)
+        result['kill9_restart_serving_s'] = time.monotonic() - started
+        expected = n + 1000 - 500
+        result['kill9_restart_s'] = wait_documents(service, expected, started)
+        result['after_kill9'] = check_after_kill9(service, corpus, n)
+        log(f'kill -9 restart: searchable after {result["kill9_restart_s"]:.1f} s, {result["after_kill9"]}')
+        result['restart_log'] = [line.strip() for line in service.log().splitlines() if 'searchable' in line or 'rebuilt' in line]
+        folder = sorted(workspace.rglob('clip_search_index.json'))[0].parent
+    finally:
+        service.stop(timeout=600)
+    result['shard_folder'] = str(folder)
+    return result
+
+
+def kill9_check(service, corpus, queries, n: int) -> dict:
+    """After the graceful restart: 1,000 new documents, 500 deleted, 100 updated (acknowledged)."""
+    from docarray import Document
+
+    client = service.client()
+    rng = np.random.default_rng(7)
+    new = [Document(id=f'new{i}', embedding=v) for i, v in enumerate(clustered_vectors(1000, 1000, seed=3))]
+    client.index(new, batch_size=500)
+    client.delete([f'd{i}' for i in range(500)])
+    updated = [Document(id=f'd{i}', embedding=v) for i, v in zip(range(1000, 1100), clustered_vectors(100, 1000, seed=4))]
+    client.update(updated)
+    del rng
+    return {'acknowledged_writes': '1000 new, 500 deleted, 100 updated'}
+
+
+def check_after_kill9(service, corpus, n: int) -> dict:
+    """New and updated documents are found first for their own embedding; deleted ones are gone."""
+    client = service.client()
+    new = clustered_vectors(1000, 1000, seed=3)[:50]
+    updated = clustered_vectors(100, 1000, seed=4)[:50]
+    deleted = np.asarray(corpus[:50])
+    top = lambda vectors: [r.matches[0].id for r in client.search([_doc(v) for v in vectors], limit=1)]  # noqa: E731
+    return {
+        'new_found_first': top(new) == [f'new{i}' for i in range(50)],
+        'updated_found_first': top(updated) == [f'd{i}' for i in range(1000, 1050)],
+        'deleted_gone': not ({f'd{i}' for i in range(50)} & set(top(deleted))),
+    }
+
+
+def _doc(vector):
+    from docarray import Document
+
+    return Document(embedding=vector)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--docs', type=int, default=1_000_000)
+    parser.add_argument('--shards', type=int, default=2)
+    parser.add_argument('--queries', type=int, default=1000)
+    parser.add_argument('--out', type=Path, default=BENCH / 'results' / 'scale')
+    parser.add_argument('--work', type=Path, help='data and workspace folder (default: a temporary one)')
+    parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, task, out = args.worker
+        Path(out).write_text(json.dumps({'hnswlib': run_hnswlib, 'shard': run_shard}[kind](json.loads(task))))
+        return
+    work = args.work or Path(tempfile.mkdtemp(prefix='bench-scale-'))
+    data = work / 'data'
+    data.mkdir(parents=True, exist_ok=True)
+    clusters = max(10, args.docs // 100)
+    log(f'{args.docs} clustered 512-d vectors ({clusters} clusters), {args.queries} queries in {work}')
+    corpus = clustered_vectors(args.docs, clusters, seed=1)
+    queries = clustered_vectors(args.queries, clusters, seed=2)
+    np.save(data / 'corpus.npy', corpus)
+    np.save(data / 'queries.npy', queries)
+    np.save(data / 'gt.npy', exact_top_k(queries, corpus, LIMIT))
+    del corpus
+    results = {'docs': args.docs, 'shards': args.shards, 'hnsw': HNSW, 'cores': os.cpu_count(), 'load_average_start': os.getloadavg()}
+    results['flow'] = run_flow(data, work, args.shards)
+    results['shard'] = worker('shard', {'data': str(data), 'folder': results['flow']['shard_folder'], 'shard': 0})
+    log(f'one shard in-process: {results["shard"]}')
+    results['hnswlib'] = worker('hnswlib', {'data': str(data), 'shards': args.shards})
+    log(f'hnswlib: {results["hnswlib"]}')
+    results['load_average_end'] = os.getloadavg()
+    results['summary'] = summary(results, args.shards)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f'scale-{args.docs}.json').write_text(json.dumps(results, indent=2))
+    print(json.dumps(results['summary'], indent=2))
+
+
+def summary(results: dict, shards: int) -> dict:
+    flow, bare, shard = results['flow'], results['hnswlib'], results['shard']
+    empty, full = sum(flow['rss_empty_mib'].values()), sum(flow['rss_full_mib'].values())
+    bound = bare['build_docs_per_s_one_thread'] * min(shards, results['cores'])
+    return {
+        'index_docs_per_s': round(flow['index_docs_per_s']),
+        'hnswlib_bound_docs_per_s': round(bound),
+        'index_vs_hnswlib_bound': round(flow['index_docs_per_s'] / bound, 2),
+        'rss_empty_mib': empty,
+        'rss_full_mib': full,
+        'kib_per_doc_above_empty': round((full - empty) * 1024 / results['docs'], 2),
+        'largest_empty_process_mib': max(flow['rss_empty_mib'].values()),
+        'graceful_restart_s': round(flow['graceful_restart_s'], 1),
+        'kill9_restart_s': round(flow['kill9_restart_s'], 1),
+        'restart_serving_s': [round(flow['graceful_restart_serving_s'], 1), round(flow['kill9_restart_serving_s'], 1)],
+        'same_answers_after_graceful_restart': flow['same_answers_after_graceful_restart'],
+        'after_kill9': flow['after_kill9'],
+        'search_p50_ms': round(flow['p50_ms'], 1),
+        'search_p99_ms': round(flow['p99_ms'], 1),
+        'recall_at_10': round(flow['recall_at_10'], 3),
+        'hnswlib_recall_at_10': round(bare['recall_at_10'], 3),
+        'shard_single_query_qps': round(shard['single_query_qps']),
+        'hnswlib_single_query_qps': round(bare['shard0_single_query_qps']),
+        'single_query_qps_vs_hnswlib': round(shard['single_query_qps'] / bare['shard0_single_query_qps'], 2),
+        'hnswlib_load_s_all_shards': round(bare['load_seconds_all_shards'], 2),
+    }
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,271 @@
+"""What an indexer shard keeps on disk beside annlite's document store, so that a restart takes
+seconds instead of rebuilding the HNSW graph: snapshots of the graph and of annlite's tables, and a
+journal of the ids each write touched since the last snapshot.
+
+annlite's document store (RocksDB, written with ``sync=True``) stays the truth. A start loads the
+newest snapshot and re-reads from the store only the ids the journal names; it rebuilds everything
+from the store when the snapshot is missing, damaged (size or CRC-32) or built with other settings.
+
+Layout of a shard's folder::
+
+    snapshot-<g>/   hnsw.bin, cells.db, meta.db, manifest.json (written last: the snapshot is complete)
+    journal-<g>.log one JSON line per write: {"op": "put"|"del", "ids": [...]}, fsynced before the write
+
+A snapshot ``snapshot-<g>`` holds every write journalled before generation ``g``; the journals
+``g, g+1, ...`` hold what came after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+SNAPSHOT = 'snapshot-'
+JOURNAL = 'journal-'
+FILES = {'hnsw.bin': 'the HNSW graph', 'cells.db': 'the offset table', 'meta.db': 'the id table'}
+MANIFEST = 'manifest.json'
+# RocksDB memory per shard: annlite opens its store with a 256 MB memtable and a 1 GB block cache
+# (optimize_for_point_lookup), which a full read at start fills; the graph lives in HNSW, the store
+# only answers the matches' multi-get, so small buffers cost nothing measurable (bench/scale.py)
+WRITE_BUFFER_BYTES = 16 << 20
+BLOCK_CACHE_BYTES = 16 << 20
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot that cannot be used; the message says why (the shard then rebuilds)."""
+
+
+def open_index(**annlite_kwargs):
+    """annlite's ``AnnLite`` with a lean document store and without its rebuild at construction."""
+    import annlite.container
+    from annlite import AnnLite
+    from annlite.storage.kv import DocStorage
+    from rocksdict import BlockBasedOptions, Cache, Options, ReadOptions, Rdict
+
+    class LeanDocStorage(DocStorage):
+        def _init_db(self, create_if_missing: bool = True, **kwargs):
+            options = Options(raw_mode=True)  # raw_mode and in-place updates as annlite opens it
+            options.set_inplace_update_support(True)
+            options.set_allow_concurrent_memtable_write(False)
+            options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+            options.set_max_write_buffer_number(2)
+            table = BlockBasedOptions()
+            table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
+            options.set_block_based_table_factory(table)
+            options.create_if_missing(create_if_missing)
+            self._db = Rdict(path=self._path, options=options)
+            read = ReadOptions()
+            read.fill_cache(False)  # counting the keys must not pull every block into the cache
+            self._size = sum(1 for _ in self._db.keys(read_opt=read))
+            self._is_closed = False
+
+    class ShardAnnLite(AnnLite):
+        def restore(self, *args, **kwargs):  # the shard loads its own snapshot (load_or_rebuild)
+            pass
+
+    # annlite builds its store inside CellContainer.__init__ with no hook for options: swap the class there
+    original = annlite.container.DocStorage
+    annlite.container.DocStorage = LeanDocStorage
+    try:
+        index = ShardAnnLite(**annlite_kwargs)
+    finally:
+        annlite.container.DocStorage = original
+    # annlite's id table indexes its write time for its own snapshot naming, which the shard does not use
+    index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
+    single_threaded(index)
+    return index
+
+
+def single_threaded(index) -> None:
+    """One HNSW thread per shard: annlite's default (all cores) makes shards on one machine fight."""
+    index.vec_index(0)._index.set_num_threads(1)
+
+
+def indexed_count(index) -> int:
+    """Ids in the HNSW graph's id table (what search can find)."""
+    return int(index.meta_table._conn.execute(f'SELECT count(*) FROM {index.meta_table.name}').fetchone()[0])
+
+
+class Journal:
+    """Append-only record of the ids each write touches, fsynced before the write reaches annlite."""
+
+    def __init__(self, folder: Path, generation: int):
+        self.folder = folder
+        self.generation = generation
+        self.changes = 0  # ids recorded since the last snapshot
+        self._file = open(folder / f'{JOURNAL}{generation}.log', 'a', encoding='utf-8')
+
+    def record(self, op: str, ids: list[str]) -> None:
+        self._file.write(json.dumps({'op': op, 'ids': ids}) + '\n')
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.changes += len(ids)
+
+    def rotate(self) -> None:
+        """Start the next generation: what follows is not in the snapshot about to be taken."""
+        self._file.close()
+        self.generation += 1
+        self.changes = 0
+        self._file = open(self.folder / f'{JOURNAL}{self.generation}.log', 'a', encoding='utf-8')
+        _fsync_dir(self.folder)
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def generations(folder: Path, prefix: str) -> list[int]:
+    """The generation numbers of the snapshots or journals in ``folder``, ascending."""
+    found = []
+    for path in folder.glob(f'{prefix}*'):
+        number = path.name[len(prefix) :].split('.')[0]
+        if number.isdigit():
+            found.append(int(number))
+    return sorted(found)
+
+
+def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path:
+    """Dump the graph and annlite's tables into ``snapshot-<generation>``; the manifest goes last."""
+    target = folder / f'{SNAPSHOT}{generation}'
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir()
+    index.vec_index(0).dump(target / 'hnsw.bin')
+    index.cell_table(0).dump(target / 'cells.db')
+    index.meta_table.dump(target / 'meta.db')
+    manifest = {
+        'settings': settings,
+        'documents': index.total_docs,
+        'files': {name: {'size': (target / name).stat().st_size, 'crc32': _crc32(target / name)} for name in FILES},
+    }
+    (target / (MANIFEST + '.tmp')).write_text(json.dumps(manifest, indent=2))
+    os.replace(target / (MANIFEST + '.tmp'), target / MANIFEST)
+    return target
+
+
+def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
+    """Load the newest complete snapshot; returns (its generation, its documents).
+
+    Raises SnapshotError naming why when there is none, or it is damaged or does not match.
+    """
+    complete = [g for g in generations(folder, SNAPSHOT) if (folder / f'{SNAPSHOT}{g}' / MANIFEST).exists()]
+    if not complete:
+        raise SnapshotError('no snapshot')
+    generation = complete[-1]
+    source = folder / f'{SNAPSHOT}{generation}'
+    try:
+        manifest = json.loads((source / MANIFEST).read_text())
+        stored, files = manifest['settings'], manifest['files']
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SnapshotError(f'{source.name}: unreadable manifest ({exc})') from exc
+    for key in sorted(set(settings) | set(stored)):
+        if stored.get(key) != settings.get(key):
+            raise SnapshotError(f'{source.name} was built with {key}={stored.get(key)!r}, not {settings.get(key)!r}')
+    for name, what in FILES.items():
+        path = source / name
+        size = path.stat().st_size if path.exists() else None
+        if size != files.get(name, {}).get('size'):
+            raise SnapshotError(f'{source.name}/{name} ({what}) has {size} bytes, the manifest says {files[name]["size"]}')
+        if _crc32(path) != files[name]['crc32']:
+            raise SnapshotError(f'{source.name}/{name} ({what}) is damaged: CRC-32 mismatch')
+    vectors = index.vec_index(0)
+    vectors.load(source / 'hnsw.bin')
+    vectors._capacity = vectors._index.get_max_elements()  # annlite keeps its own count of the capacity
+    single_threaded(index)
+    index.cell_table(0).load(source / 'cells.db')
+    index.meta_table.load(source / 'meta.db')
+    index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
+    return generation, int(manifest['documents'])
+
+
+def journalled_ids(folder: Path, from_generation: int) -> list[str]:
+    """The ids the journals since ``from_generation`` touched, each once, in order of last touch.
+
+    A line cut short by a crash is the write that was not acknowledged: it is skipped.
+    """
+    touched: dict[str, None] = {}
+    for generation in generations(folder, JOURNAL):
+        if generation < from_generation:
+            continue
+        for line in (folder / f'{JOURNAL}{generation}.log').read_text(encoding='utf-8').splitlines():
+            try:
+                ids = json.loads(line)['ids']
+            except (ValueError, KeyError):
+                continue
+            for doc_id in ids:
+                touched.pop(doc_id, None)
+                touched[doc_id] = None
+    return list(touched)
+
+
+def replay(index, ids: Iterable[str], batch_size: int = 1024) -> int:
+    """Bring the graph and tables in line with the document store for ``ids``; returns how many."""
+    ids = list(ids)
+    for start in range(0, len(ids), batch_size):
+        batch = ids[start : start + batch_size]
+        unindex(index, batch)
+        stored = index.doc_store(0).get(batch)
+        if len(stored):
+            embeddings = np.asarray(stored.embeddings, dtype=np.float32)
+            index.insert(embeddings, np.zeros(len(stored), dtype=np.int64), stored, only_index=True)
+    return len(ids)
+
+
+def unindex(index, ids: Iterable[str]) -> None:
+    """Remove ids from the graph and annlite's tables, leaving the document store alone."""
+    for doc_id in ids:
+        cell_id, offset = index.meta_table.get_address(doc_id)
+        if cell_id is not None:
+            index.vec_index(cell_id).delete([offset])
+            index.cell_table(cell_id).delete_by_offset(offset)
+            index.meta_table.delete_address(doc_id)
+
+
+def reset(index) -> None:
+    """Empty the graph and annlite's tables (before a rebuild from the document store)."""
+    index.vec_index(0).reset()
+    single_threaded(index)
+    index.cell_table(0).clear()
+    index.meta_table.clear()
+    index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
+
+
+def rebuild(index, batch_size: int = 10240) -> int:
+    """Index every stored document again (annlite's rebuild, without its own snapshot lookup)."""
+    total = 0
+    for docs in index.documents_generator(0, batch_size=batch_size):
+        embeddings = np.asarray(docs.embeddings, dtype=np.float32)
+        index.insert(embeddings, np.zeros(len(docs), dtype=np.int64), docs, only_index=True)
+        total += len(docs)
+    return total
+
+
+def remove_older(folder: Path, keep_snapshot: int) -> None:
+    """Delete snapshots other than ``keep_snapshot`` and the journals it already contains."""
+    for generation in generations(folder, SNAPSHOT):
+        if generation != keep_snapshot:
+            shutil.rmtree(folder / f'{SNAPSHOT}{generation}', ignore_errors=True)
+    for generation in generations(folder, JOURNAL):
+        if generation < keep_snapshot:
+            (folder / f'{JOURNAL}{generation}.log').unlink(missing_ok=True)
+
+
+def _crc32(path: Path, chunk: int = 8 << 20) -> int:
+    crc = 0
+    with open(path, 'rb') as file:
+        while block := file.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
