@@ -286,13 +286,17 @@ class AnnLiteIndexer(Executor):
             for doc in docs:
                 doc.matches = DocumentArray()
             return docs
-        if search_filter or self._index.n_cells != 1:
-            _filtered_search(self._index, docs, search_filter, limit)
-            for doc in docs:
-                for match in doc.matches:
-                    _finish_match(match, match.scores['cosine'].value)
-        else:
-            self._search_unfiltered(docs, limit)
+        try:
+            if search_filter or self._index.n_cells != 1:
+                self._index.search(docs, filter=search_filter, limit=limit)
+                _finish_matches(docs)
+            else:
+                self._search_unfiltered(docs, limit)
+        except RuntimeError as exc:
+            if not _graph_walk_fell_short(exc):
+                raise
+            exact_filtered_search(self._index, docs, search_filter, limit)
+            _finish_matches(docs)
         _keep_within(docs, max_distance)
         return docs
 
@@ -441,19 +445,16 @@ def _finish_match(match: Document, distance: float) -> None:
     match.embedding = None
 
 
-def _filtered_search(index, docs: DocumentArray, search_filter: Optional[dict], limit: int) -> None:
-    """annlite's search; where its HNSW filter search cannot fill the results, an exact search of the filtered documents.
+def _graph_walk_fell_short(exc: RuntimeError) -> bool:
+    """hnswlib's error when a graph walk finds fewer than the asked matches (seen with few documents
+    passing a filter on a shard, and after deletes): an exact search answers instead."""
+    return 'contigious 2D array' in str(exc)
 
-    annlite asks hnswlib for as many matches as rows pass the filter (when fewer than ``limit``);
-    a graph walk that misses one of them fails the whole search ("Cannot return the results in a
-    contigious 2D array"). Seen with few documents passing the filter on a shard.
-    """
-    try:
-        index.search(docs, filter=search_filter, limit=limit)
-    except RuntimeError as exc:
-        if 'contigious 2D array' not in str(exc):
-            raise
-        exact_filtered_search(index, docs, search_filter, limit)
+
+def _finish_matches(docs: DocumentArray) -> None:
+    for doc in docs:
+        for match in doc.matches:
+            _finish_match(match, match.scores['cosine'].value)
 
 
 def exact_filtered_search(index, docs: DocumentArray, search_filter: Optional[dict], limit: int) -> None:

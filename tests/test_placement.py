@@ -246,3 +246,38 @@ def test_the_exact_filtered_search_agrees_with_annlites_where_annlite_answers(tm
             [m.scores['cosine'].value for m in want.matches], abs=1e-5
         )
     shard.close()
+
+
+def test_a_graph_walk_that_falls_short_is_answered_by_an_exact_search(tmp_path):
+    """hnswlib fails a whole query when its walk finds fewer than k live documents (seen after deletes):
+    the shard answers that request by an exact search instead of an error."""
+    import numpy as np
+
+    shard = open_shard(tmp_path)
+    rng = np.random.default_rng(4)
+    stored = DocumentArray(Document(id=f'w{i}', embedding=rng.normal(size=4).astype(np.float32)) for i in range(30))
+    shard.index(stored, parameters={})
+    queries = DocumentArray(Document(embedding=rng.normal(size=4).astype(np.float32)) for _ in range(3))
+    expected = shard.search(DocumentArray(Document(q, copy=True) for q in queries), parameters={'limit': 7})
+
+    class FallingShort:  # hnswlib's index, but every walk falls short
+        def __init__(self, graph):
+            self.graph = graph
+
+        def set_ef(self, ef):
+            self.graph.set_ef(ef)
+
+        def knn_query(self, *args, **kwargs):
+            raise RuntimeError('Cannot return the results in a contigious 2D array. Probably ef or M is too small')
+
+    vectors = shard._index.vec_index(0)
+    vectors._index = FallingShort(vectors._index)
+    got = shard.search(queries, parameters={'limit': 7})
+    for answer, want in zip(got, expected):
+        assert answer.matches[:, 'id'] == want.matches[:, 'id']
+        assert [m.scores['cosine'].value for m in answer.matches] == pytest.approx(
+            [m.scores['cosine'].value for m in want.matches], abs=1e-5
+        )
+        assert all(m.embedding is None for m in answer.matches)
+    vectors._index = vectors._index.graph
+    shard.close()
