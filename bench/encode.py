@@ -119,7 +119,7 @@ def main() -> None:
     if task['impl'] == 'ours':
         write_random_vit_b_32(model_dir)
         encoder = load_ours(model_dir, task['minibatch'], task.get('dtype', 'fp32'))
-        encode = encoder.encode
+        encode = lambda docs: asyncio.run(encoder.encode(docs))  # noqa: E731 - its handlers are coroutines, as clip_server's
     else:
         encode = load_clip_server(model_dir, task['minibatch'])
     torch.set_num_threads(task['threads'])
