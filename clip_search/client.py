@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Coroutine, Iterable, Iterator, Optional, TypeVar, Union
 
@@ -206,10 +207,12 @@ class Client:
         from jina.excepts import BadServer
 
         collected: Any = [] if responses else DocumentArray()
+        # converted here, not inside jina's request loop, which swallows a conversion error and never answers
+        documents = DocumentArray(_documents(inputs))
         try:
             async for answer in self._client.post(
                 endpoint,
-                inputs=_documents(inputs),
+                inputs=documents,
                 request_size=batch_size,
                 parameters=parameters or {},
                 show_progress=show_progress,
@@ -302,8 +305,13 @@ def to_document(item: Input) -> Document:
 
 def _local_image(doc: Document) -> bool:
     """Whether the document's uri is a file here that may be an image (a .txt is left for the server to refuse)."""
+    if urllib.parse.urlparse(doc.uri).scheme:  # data:, http(s):, file: are the server's to read
+        return False
     mime = doc.mime_type or mimetypes.guess_type(doc.uri)[0] or 'image/'
-    return mime.startswith('image/') and Path(doc.uri).expanduser().is_file()
+    try:
+        return mime.startswith('image/') and Path(doc.uri).expanduser().is_file()
+    except OSError:  # not a name this file system can hold: the server will say what it is
+        return False
 
 
 def _documents(inputs: Inputs) -> Iterator[Document]:

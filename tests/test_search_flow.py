@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from docarray import Document, DocumentArray
 
-from clip_search import RequestError
+from clip_search import Client, RequestError
 from helpers.service import start_service
 from conftest import FLOW_FILE, png_bytes
 
@@ -288,3 +288,19 @@ def test_the_default_limit_set_in_the_yaml_holds_after_the_merge(tmp_path, tiny_
         assert len(result[0].matches) == 3
     finally:
         service.stop()
+
+
+def test_an_input_the_client_cannot_convert_fails_at_once_instead_of_hanging():
+    """Conversion runs before jina's request loop, which would swallow the error and never answer."""
+    client = Client('grpc://127.0.0.1:9', timeout=5)  # nothing listens: the error comes before any request
+    with pytest.raises(TypeError, match='cannot index int 42: pass str or Document'):
+        client.index([Document(id='fine', text='a text'), 42])
+
+
+def test_a_document_whose_uri_is_a_data_uri_or_url_is_left_to_the_server():
+    from clip_search.client import to_document
+
+    data_uri = 'data:image/png;base64,' + base64.b64encode(png_bytes(7)).decode() * 4  # longer than a file name may be
+    for uri in (data_uri, 'https://example.com/a.png', 'file:///tmp/a.png'):
+        doc = to_document(Document(uri=uri))
+        assert doc.uri == uri and not doc.blob
