@@ -190,6 +190,8 @@ def _abandon_start() -> NoReturn:
         if multiprocessing.active_children():
             _stop_executors()
             quiet_since = time.monotonic()
+    if os.getpgrp() == os.getpid():  # our own process group (a terminal job, a service): one forked late goes too
+        os.killpg(os.getpgrp(), signal.SIGTERM)  # this process ignores it here (on_signal)
     print('clip-search stopped before it was ready', flush=True)
     sys.stderr.flush()
     os._exit(130)
