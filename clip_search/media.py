@@ -368,8 +368,8 @@ def _abort(connection) -> None:
             pass
 
 
-class _PinnedHTTPConnection(http.client.HTTPConnection):
-    """An HTTP connection to an address checked beforehand (no second DNS lookup to rebind)."""
+class _Pinned:
+    """An HTTP(S) connection to an address checked beforehand (no second DNS lookup to rebind)."""
 
     raw_sock = None
 
@@ -377,21 +377,20 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         super().__init__(host, port, timeout=timeout)
         self._address = address
 
-    def connect(self) -> None:
+    def _connect_to_checked_address(self) -> None:
         self.sock = self.raw_sock = socket.create_connection((self._address, self.port), self.timeout)
 
 
-class _PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """The same over TLS; the certificate is checked against the host name, as usual."""
+class _PinnedHTTPConnection(_Pinned, http.client.HTTPConnection):
+    def connect(self) -> None:
+        self._connect_to_checked_address()
 
-    raw_sock = None
 
-    def __init__(self, host: str, port: int, address: str, timeout: float):
-        super().__init__(host, port, timeout=timeout)
-        self._address = address
+class _PinnedHTTPSConnection(_Pinned, http.client.HTTPSConnection):
+    """The certificate is checked against the host name, as usual."""
 
     def connect(self) -> None:
-        self.sock = self.raw_sock = socket.create_connection((self._address, self.port), self.timeout)
+        self._connect_to_checked_address()
         self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host)
 
 

@@ -113,7 +113,7 @@ class Journal:
         self.generation += 1
         self.changes = 0
         self._file = open(self.folder / f'{JOURNAL}{self.generation}.log', 'a', encoding='utf-8')
-        _fsync_dir(self.folder)
+        fsync_directory(self.folder)
 
     def close(self) -> None:
         self._file.close()
@@ -263,9 +263,25 @@ def _crc32(path: Path, chunk: int = 8 << 20) -> int:
     return crc
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write a file so that a crash leaves the old content or the new, never a part: temp file, fsync, rename."""
+    temporary = path.with_name(path.name + '.tmp')
+    with open(temporary, 'wb') as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+    fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def remove_durably(path: Path) -> None:
+    path.unlink()
+    fsync_directory(path.parent)
+
+
+def fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        os.fsync(descriptor)
     finally:
-        os.close(fd)
+        os.close(descriptor)

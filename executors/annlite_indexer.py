@@ -11,7 +11,6 @@ receives a document stores it; polled ``ALL``, each shard keeps the ids that has
 """
 
 import json
-import os
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
+from clip_search import shard_store  # annlite itself is imported late, inside it
 from clip_search.params import DEFAULT_LIMIT, validate_max_distance, validate_search_parameters, within_distance
 from clip_search.sharding import (
     ALL,
@@ -77,8 +77,6 @@ class AnnLiteIndexer(Executor):
                 'AnnLiteIndexer needs n_dim: start the Flow with `python -m clip_search`, '
                 'which sets it from the model, or set uses_with.n_dim to the model embedding size'
             )
-        from clip_search import shard_store  # imports annlite: late, annlite and hnswlib cannot share a process
-
         self._store = shard_store
         self.shard_id = int(getattr(self.runtime_args, 'shard_id', 0) or 0)
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
@@ -358,14 +356,14 @@ class AnnLiteIndexer(Executor):
         if not existing:
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
             return
-        _write_atomically(self._data_path / REPLACE_JOURNAL, self._index.doc_store(0).get(existing).to_bytes())
+        shard_store.write_atomically(self._data_path / REPLACE_JOURNAL, self._index.doc_store(0).get(existing).to_bytes())
         try:
             self._index.delete(existing)
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
         except Exception:
             _restore_interrupted_replace(self._index, self._data_path, self.logger)  # the old versions, at once
             raise
-        _remove_durably(self._data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
+        shard_store.remove_durably(self._data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
 
     def _check_embeddings(self, docs: DocumentArray) -> None:
         n_dim = self.settings['n_dim']
@@ -489,7 +487,7 @@ def _check_or_write_settings(data_path: Path, settings: dict) -> None:
                     f'not {settings[key]!r}: start with the same setting or a new workspace'
                 )
         _check_placement(data_path, stored.get('index_polling', ALL), settings['index_polling'])
-    _write_atomically(settings_file, json.dumps(settings, indent=2).encode())
+    shard_store.write_atomically(settings_file, json.dumps(settings, indent=2).encode())
 
 
 def _check_placement(data_path: Path, stored: str, wanted: str) -> None:
@@ -502,30 +500,6 @@ def _check_placement(data_path: Path, stored: str, wanted: str) -> None:
             f'workspace {data_path} was built with index_polling=ANY (an id may be on any shard), '
             f'not ALL (an id on the shard it hashes to): poll /index ANY or use a new workspace'
         )
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Write a file so that a crash leaves the old content or the new, never a part: temp file, fsync, rename."""
-    temporary = path.with_name(path.name + '.tmp')
-    with open(temporary, 'wb') as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
-    _fsync_directory(path.parent)  # the rename itself survives a power cut
-
-
-def _remove_durably(path: Path) -> None:
-    path.unlink()
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _restore_interrupted_replace(index, data_path: Path, logger) -> None:
@@ -541,5 +515,5 @@ def _restore_interrupted_replace(index, data_path: Path, logger) -> None:
     if present:
         index.delete(present)
     index.index(old)
-    _remove_durably(journal)
+    shard_store.remove_durably(journal)
     logger.warning(f'restored {len(old)} documents of a replace interrupted by a crash: {old[:, "id"][:10]}')
