@@ -92,8 +92,10 @@ def test_the_readme_curl_example(tmp_path, tiny_model):
     finally:
         service.stop()
     searched = json.loads(outputs[-1])['data'][0]
-    indexed_texts = [d['text'] for d in json.loads(outputs[0])['data']]
-    assert searched['matches'][0]['text'] == searched['text'] and searched['text'] in indexed_texts
+    indexed = json.loads(outputs[0])['data']
+    assert len(indexed) == 2 and all(d['id'] and not d.get('text') and not d.get('embedding') for d in indexed)  # ids only
+    assert searched['text'] == 'a red circle' and searched['matches'][0]['text'] == 'a red circle'
+    assert searched['matches'][0]['id'] == indexed[0]['id']
     distances = [m['scores']['cosine']['value'] for m in searched['matches']]
     assert distances[0] == pytest.approx(0.0, abs=1e-5) and distances == sorted(distances)
 
