@@ -77,7 +77,6 @@ class AnnLiteIndexer(Executor):
                 'AnnLiteIndexer needs n_dim: start the Flow with `python -m clip_search`, '
                 'which sets it from the model, or set uses_with.n_dim to the model embedding size'
             )
-        self._store = shard_store
         self.shard_id = int(getattr(self.runtime_args, 'shard_id', 0) or 0)
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
         self.default_limit = limit
@@ -184,8 +183,8 @@ class AnnLiteIndexer(Executor):
 
     def _start_empty(self) -> None:
         """No documents: forget any old snapshot or journal and start at an empty snapshot."""
-        self._store.remove_older(self._data_path, keep_snapshot=-1)
-        self._journal = self._store.Journal(self._data_path, 0)
+        shard_store.remove_older(self._data_path, keep_snapshot=-1)
+        self._journal = shard_store.Journal(self._data_path, 0)
         self._snapshot()
         self._restore_after_crash()
         self._loaded.set()
@@ -193,7 +192,7 @@ class AnnLiteIndexer(Executor):
 
     def _load(self) -> None:
         """Load the snapshot and replay the journal, or rebuild from the store; log which, in one line."""
-        store, folder, started = self._store, self._data_path, time.monotonic()
+        store, folder, started = shard_store, self._data_path, time.monotonic()
         try:
             try:
                 generation, documents = store.load_snapshot(self._index, folder, self._snapshot_settings)
@@ -230,8 +229,8 @@ class AnnLiteIndexer(Executor):
         """Start a new journal generation, dump the graph and tables, drop what the snapshot holds."""
         started = time.monotonic()
         self._journal.rotate()
-        self._store.write_snapshot(self._index, self._data_path, self._journal.generation, self._snapshot_settings)
-        self._store.remove_older(self._data_path, keep_snapshot=self._journal.generation)
+        shard_store.write_snapshot(self._index, self._data_path, self._journal.generation, self._snapshot_settings)
+        shard_store.remove_older(self._data_path, keep_snapshot=self._journal.generation)
         self.logger.debug(f'shard {self.shard_id}: snapshot-{self._journal.generation} in {time.monotonic() - started:.1f} s')
 
     def _write(self, op: str, ids: list, apply: Callable[[], None]) -> None:
