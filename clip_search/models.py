@@ -13,7 +13,7 @@ Weights are fetched once into :func:`cache_dir` and reused; when they cannot be 
 :class:`ModelUnavailableError` says in one sentence what to do.
 
 ``dtype`` (clip_server's name) says how the model runs: ``fp32`` (the CPU default), ``fp16`` (the
-CUDA default) or ``int8`` (CPU: the linear layers quantized once at load, see :func:`quantize_int8`).
+CUDA default) or ``int8`` (CPU: the linear layers quantized once at load, see :mod:`clip_search.quantize`).
 """
 
 from __future__ import annotations
@@ -154,6 +154,8 @@ def load_model(spec: ModelSpec, device: str = 'cpu', dtype: str | None = None) -
         raise ModelUnavailableError(f'Could not load model {spec.name!r}: {exc}') from exc
     model.eval()
     if dtype == 'int8':
+        from clip_search.quantize import quantize_int8
+
         model = quantize_int8(model)
     preprocess = normalise_in_numpy(preprocess)
     input_dtype = torch.float16 if dtype == 'fp16' else torch.float32
@@ -193,30 +195,6 @@ def normalise_in_numpy(preprocess):
     if len(steps) < 2 or not isinstance(steps[-2], ToTensor) or not isinstance(steps[-1], Normalize):
         return preprocess
     return Compose([*steps[:-2], NumpyToNormalisedTensor(steps[-1].mean, steps[-1].std)])
-
-
-def quantize_int8(model):
-    """Dynamic int8 quantization of the model's ``nn.Linear`` layers (weights int8, activations per batch).
-
-    torch's own ``quantize_dynamic``, not torchao's ``Int8DynamicActivationInt8WeightConfig``: in eager
-    mode on CPU torchao's ran a ViT-B-32 at 0.3 images/s (it needs torch.compile), torch's fbgemm/x86
-    kernels at 1.5-1.7x fp32; torch marks the API deprecated but ships and runs it (2.14).
-    The attention's own projections (``nn.MultiheadAttention``) stay fp32, as torch leaves them.
-    """
-    import warnings
-
-    import torch
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', DeprecationWarning)
-        warnings.filterwarnings('ignore', message='.*quantize_per_tensor.*')
-        model = quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    for module in model.modules():
-        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-            # open_clip's hook for int8 layers: Transformer.get_cast_dtype() reads it (a quantized .weight is a method)
-            module.int8_original_dtype = torch.float32
-    return model
 
 
 def _local_dir_spec(name: str, path: Path) -> ModelSpec:

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Optional, Sequence
 
@@ -71,6 +72,9 @@ class CLIPEncoder(Executor):
         self._clip = load_model(resolve_model(name), self.device, dtype)  # refuses a dtype the device cannot run
         self._pool = ThreadPoolExecutor(max_workers=num_workers or os.cpu_count(), thread_name_prefix='preprocess')
         self._request_threads = ThreadPoolExecutor(max_workers=max_concurrent_requests, thread_name_prefix='request')
+        # one forward pass at a time: torch already spreads one over every core, and concurrent
+        # requests' passes side by side oversubscribe them (bench/dtype.py, fp32: 5.5 images/s, 9 in turn)
+        self._model_lock = threading.Lock()
         self.logger.info(f'dtype {self._clip.dtype} on {self.device}: loaded {name} ({self._clip.spec.embed_dim}-d)')
 
     @requests(on=['/encode', '/search'])
@@ -179,7 +183,7 @@ class CLIPEncoder(Executor):
         return self._clip.preprocess(image)
 
     def _forward(self, encode, inputs: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
+        with self._model_lock, torch.inference_mode():
             features = encode(inputs.to(self.device))
             features = torch.nn.functional.normalize(features.float(), dim=-1)
         return features.cpu().numpy().astype(np.float32)

@@ -93,3 +93,80 @@ def test_int8_embeddings_of_a_vit_b_32_stay_within_0_99_cosine_of_fp32(tmp_path,
     cosines = np.sum(embeddings['fp32'] * embeddings['int8'], axis=1)
     assert cosines.min() >= 0.99, cosines
     assert cosines.min() < 1.0  # int8 really ran: not the fp32 model twice
+
+
+def test_linear_self_attention_computes_what_multihead_attention_computes():
+    import torch
+
+    from clip_search.quantize import LinearSelfAttention
+
+    torch.manual_seed(0)
+    attention = torch.nn.MultiheadAttention(64, 4, batch_first=True).eval()
+    x = torch.randn(3, 10, 64)
+    causal = torch.full((10, 10), float('-inf')).triu(1)  # open_clip's text mask
+    linear = LinearSelfAttention(attention)
+    with torch.inference_mode():
+        for mask in (None, causal):
+            expected = attention(x, x, x, need_weights=False, attn_mask=mask)[0]
+            assert torch.allclose(linear(x, x, x, need_weights=False, attn_mask=mask)[0], expected, atol=1e-5)
+    with pytest.raises(ValueError, match='self-attention only'):
+        linear(x, torch.randn(3, 10, 64), x)
+
+
+def test_int8_quantizes_the_attention_projections_and_keeps_each_first_block_in_fp32():
+    import open_clip
+    import torch
+    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+
+    from clip_search.quantize import quantize_int8
+    from helpers.service import TINY_MODEL_CFG
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_MODEL_CFG).eval()
+    images, tokens = torch.randn(4, 3, 32, 32), open_clip.tokenize(['a red circle', 'two blue squares'], context_length=16)
+    with torch.inference_mode():
+        fp32 = model.encode_image(images), model.encode_text(tokens)
+        int8_model = quantize_int8(model)
+        int8 = int8_model.encode_image(images), int8_model.encode_text(tokens)
+    for tower in ('visual.transformer', 'transformer'):
+        first, second = (int8_model.get_submodule(f'{tower}.resblocks.{i}') for i in (0, 1))
+        assert type(first.attn.in_proj) is torch.nn.Linear and type(first.mlp.c_fc) is torch.nn.Linear
+        assert all(isinstance(layer, Int8Linear) for layer in (second.attn.in_proj, second.attn.out_proj, second.mlp.c_fc, second.mlp.c_proj))
+    for a, b in zip(fp32, int8):
+        cosines = torch.nn.functional.cosine_similarity(a, b)
+        assert cosines.min() >= 0.99 and not torch.equal(a, b), cosines
+
+
+def test_the_encoder_runs_one_forward_pass_at_a_time(tiny_model):
+    """Concurrent requests' passes side by side would oversubscribe the cores torch already spreads one over."""
+    import threading
+    import time
+
+    from docarray import DocumentArray
+
+    from clip_search.executors.clip_encoder import CLIPEncoder
+
+    encoder = CLIPEncoder(name=str(tiny_model), max_concurrent_requests=4)
+    running, most = [0], [0]
+    lock = threading.Lock()
+    encode_text = encoder._encode_text
+
+    def counting_encode_text(tokens):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        try:
+            return encode_text(tokens)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    encoder._encode_text = counting_encode_text
+    threads = [threading.Thread(target=encoder.embed, args=(DocumentArray([Document(text=f'text {i}')]),)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    encoder.close()
+    assert most[0] == 1
