@@ -78,9 +78,16 @@ class CLIPEncoder(Executor):
         self.logger.info(f'dtype {self._clip.dtype} on {self.device}: loaded {name} ({self._clip.spec.embed_dim}-d)')
 
     @requests(on=['/encode', '/search'])
-    async def encode(self, docs: DocumentArray, **kwargs) -> DocumentArray:
-        """Attach an embedding to every document (on /search before the indexer sees them)."""
+    async def encode(self, docs: DocumentArray, parameters: Optional[dict] = None, **kwargs) -> DocumentArray:
+        """Attach an embedding to every document (on /search before the indexer sees them).
+
+        ``parameters['drop_image_content']`` (clip_server's, which clip_client sets) answers without
+        the images' ``blob`` and ``tensor``: the client has them, and sending them back doubles the traffic.
+        """
         await self._in_thread(self.embed, docs)
+        if (parameters or {}).get('drop_image_content', False):
+            for doc in docs:
+                doc.pop('blob', 'tensor')
         return docs
 
     @requests(on=['/index', '/update'])

@@ -73,3 +73,15 @@ def test_the_cards_placement_with_five_shards_holds_after_a_restart(service_fact
     holds(service)
     service.stop()
     holds(service_factory(shards=5, workspace=workspace))
+
+
+def test_encode_answers_without_the_image_bytes_when_asked_as_clip_client_asks(chapter_service):
+    from docarray import Document, DocumentArray
+    from jina import Client
+
+    client = Client(host=chapter_service.address)
+    image = Document(id='apple', blob=png_bytes(11), mime_type='image/png')
+    kept = client.post('/encode', inputs=DocumentArray([image]))[0]
+    dropped = client.post('/encode', inputs=DocumentArray([image]), parameters={'drop_image_content': True})[0]
+    assert kept.blob == image.blob and dropped.blob == b''
+    assert dropped.embedding.shape == kept.embedding.shape and (dropped.embedding == kept.embedding).all()
