@@ -21,6 +21,7 @@ from docarray import Document, DocumentArray
 from jina import Executor, requests
 
 from clip_search import shard_store  # annlite itself is imported late, inside it
+from clip_search.memory import FreedMemoryRelease
 from clip_search.params import DEFAULT_LIMIT, validate_max_distance, validate_search_parameters, within_distance
 from clip_search.sharding import (
     ALL,
@@ -106,6 +107,7 @@ class AnnLiteIndexer(Executor):
             max_connection=max_connection,
         )
         self._write_lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
+        self._release_freed_memory = FreedMemoryRelease()
         self._loaded = threading.Event()
         self._load_error: Optional[str] = None
         self.loaded_how: Optional[str] = None  # the start's path: snapshot + replay, or rebuild and why
@@ -240,6 +242,7 @@ class AnnLiteIndexer(Executor):
             apply()
             if self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
                 self._snapshot()
+        self._release_freed_memory()  # the request's buffers, so resident memory tracks the documents held
 
     def _index_docs(self, docs: DocumentArray) -> DocumentArray:
         mine = self._owned(docs) if self.index_polling == ALL else self._all_checked(docs)

@@ -15,6 +15,7 @@ from jina import Executor, requests
 from open_clip.transformer import text_global_pool
 
 from clip_search.media import DEFAULT_URI_TIMEOUT, BadDocumentError, MediaPolicy, content_kind, jpeg_thumbnail, load_image
+from clip_search.memory import FreedMemoryRelease
 from clip_search.models import DEFAULT_MODEL, load_model, resolve_model
 
 
@@ -75,6 +76,7 @@ class CLIPEncoder(Executor):
         # one forward pass at a time: torch already spreads one over every core, and concurrent
         # requests' passes side by side oversubscribe them (bench/dtype.py, fp32: 5.5 images/s, 9 in turn)
         self._model_lock = threading.Lock()
+        self._release_freed_memory = FreedMemoryRelease()
         self.logger.info(f'dtype {self._clip.dtype} on {self.device}: loaded {name} ({self._clip.spec.embed_dim}-d)')
 
     @requests(on=['/encode', '/search'])
@@ -94,6 +96,7 @@ class CLIPEncoder(Executor):
     async def encode_for_index(self, docs: DocumentArray, **kwargs) -> DocumentArray:
         """Embed, and replace each image's bytes by a small JPEG thumbnail (``thumbnail_size``) for the index."""
         await self._in_thread(self.embed, docs, 0, False, self.thumbnail_size)
+        self._release_freed_memory()  # bulk indexing streams every document through here
         return docs
 
     @requests(on='/')
