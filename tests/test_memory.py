@@ -18,24 +18,31 @@ def resident_mib() -> float:
 
 @pytest.mark.skipif(not FreedMemoryRelease().available, reason='needs glibc (malloc_trim)')
 def test_freed_memory_between_live_buffers_is_given_back():
-    release = FreedMemoryRelease(min_interval=0)
+    release = FreedMemoryRelease()
     buffers = [bytes(4000) + i.to_bytes(4, 'little') for i in range(50_000)]  # 200 MB from malloc's heap
     kept = buffers[::50]  # a live buffer every 200 KB keeps the heap from shrinking on its own
     del buffers
     before = resident_mib()
-    assert release()
+    assert release.now()
     after = resident_mib()
     assert before - after > 100, (before, after)
     assert len(kept) == 1000
 
 
-def test_the_release_runs_at_most_once_an_interval():
-    release = FreedMemoryRelease(min_interval=3600)
+def test_a_burst_of_requests_schedules_one_trim_after_it():
+    import time
+
+    release = FreedMemoryRelease(delay=0.2)
     if not release.available:
         assert release() is False
         return
-    assert release() is True
-    assert release() is False
+    trims = []
+    release._trim = trims.append
+    assert [release() for _ in range(5)] == [True, False, False, False, False]
+    assert trims == []  # not while the request that asked is still being answered
+    time.sleep(0.5)
+    assert trims == [0]
+    assert release() is True  # the next burst gets its own
 
 
 def test_a_shard_releases_freed_memory_after_every_write(tmp_path):
