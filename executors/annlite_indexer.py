@@ -165,6 +165,7 @@ class AnnLiteIndexer(Executor):
 
     def _answer(self, handler: Callable, *args) -> DocumentArray:
         """Run a handler; in a sharded index, report the outcome in-band for the merger to read."""
+        self._release_freed_memory()  # the requests' buffers, a second later: resident memory tracks the documents held
         if self.shards == 1:
             self._check_loaded()
             return handler(*args)
@@ -242,7 +243,6 @@ class AnnLiteIndexer(Executor):
             apply()
             if self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
                 self._snapshot()
-        self._release_freed_memory()  # the request's buffers, so resident memory tracks the documents held
 
     def _index_docs(self, docs: DocumentArray) -> DocumentArray:
         mine = self._owned(docs) if self.index_polling == ALL else self._all_checked(docs)

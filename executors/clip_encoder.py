@@ -96,7 +96,6 @@ class CLIPEncoder(Executor):
     async def encode_for_index(self, docs: DocumentArray, **kwargs) -> DocumentArray:
         """Embed, and replace each image's bytes by a small JPEG thumbnail (``thumbnail_size``) for the index."""
         await self._in_thread(self.embed, docs, 0, False, self.thumbnail_size)
-        self._release_freed_memory()  # bulk indexing streams every document through here
         return docs
 
     @requests(on='/')
@@ -112,6 +111,7 @@ class CLIPEncoder(Executor):
 
     async def _in_thread(self, function: Callable, *args):
         """Run blocking work (fetching, decoding, the model) off the event loop, so requests overlap."""
+        self._release_freed_memory()  # the requests' buffers, a second later: every document passes through here
         return await asyncio.get_running_loop().run_in_executor(self._request_threads, function, *args)
 
     def rank_docs(self, docs: DocumentArray, parameters: Optional[dict] = None) -> DocumentArray:
