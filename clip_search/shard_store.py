@@ -32,10 +32,9 @@ FILES = {'hnsw.bin': 'the HNSW graph', 'cells.db': 'the offset table', 'meta.db'
 MANIFEST = 'manifest.json'
 # RocksDB memory per shard: annlite opens its store with a 256 MB memtable and a 1 GB block cache
 # (optimize_for_point_lookup), which a full read at start fills; the graph lives in HNSW, the store
-# only answers the matches' multi-get, so small buffers cost nothing measurable (bench/scale.py:
-# 2 x 4 MB memtables and 8 MB of cache took 14 MB less a shard than 16 MB each, at the same speed)
-WRITE_BUFFER_BYTES = 4 << 20
-BLOCK_CACHE_BYTES = 8 << 20
+# only answers the matches' multi-get, so small buffers cost nothing measurable (bench/scale.py)
+WRITE_BUFFER_BYTES = 16 << 20
+BLOCK_CACHE_BYTES = 16 << 20
 
 
 class SnapshotError(RuntimeError):

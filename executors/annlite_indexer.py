@@ -21,7 +21,6 @@ from docarray import Document, DocumentArray
 from jina import Executor, requests
 
 from clip_search import shard_store  # annlite itself is imported late, inside it
-from clip_search.memory import FreedMemoryRelease
 from clip_search.params import DEFAULT_LIMIT, validate_max_distance, validate_search_parameters, within_distance
 from clip_search.sharding import (
     ALL,
@@ -107,7 +106,6 @@ class AnnLiteIndexer(Executor):
             max_connection=max_connection,
         )
         self._write_lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
-        self._release_freed_memory = FreedMemoryRelease()
         self._loaded = threading.Event()
         self._load_error: Optional[str] = None
         self.loaded_how: Optional[str] = None  # the start's path: snapshot + replay, or rebuild and why
@@ -165,7 +163,6 @@ class AnnLiteIndexer(Executor):
 
     def _answer(self, handler: Callable, *args) -> DocumentArray:
         """Run a handler; in a sharded index, report the outcome in-band for the merger to read."""
-        self._release_freed_memory()  # the requests' buffers, a second later: resident memory tracks the documents held
         if self.shards == 1:
             self._check_loaded()
             return handler(*args)

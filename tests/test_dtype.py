@@ -170,3 +170,56 @@ def test_the_encoder_runs_one_forward_pass_at_a_time(tiny_model):
         thread.join()
     encoder.close()
     assert most[0] == 1
+
+
+def test_requests_that_queue_while_a_pass_runs_share_the_next_one():
+    """clip_client sends 8 images a request, several at once: they are encoded as one pass (int8 is faster at 32)."""
+    import threading
+    import time
+
+    import torch
+
+    from clip_search.executors.clip_encoder import CoalescedForward
+
+    passes = []
+
+    def forward(inputs):
+        passes.append(len(inputs))
+        time.sleep(0.2)
+        return (inputs * 2).numpy()
+
+    coalesced = CoalescedForward(forward, max_rows=32)
+    results = {}
+
+    def request(i):
+        results[i] = coalesced(torch.full((8, 3), float(i)))
+
+    first = threading.Thread(target=request, args=(0,))
+    first.start()
+    time.sleep(0.05)  # the first pass is running: the next three queue up behind it
+    others = [threading.Thread(target=request, args=(i,)) for i in (1, 2, 3)]
+    for thread in others:
+        thread.start()
+    for thread in [first, *others]:
+        thread.join()
+    assert passes == [8, 24]
+    assert all((results[i] == 2 * i).all() and results[i].shape == (8, 3) for i in range(4))
+
+
+def test_a_failed_pass_fails_every_request_in_it_and_the_next_pass_runs():
+    import torch
+
+    from clip_search.executors.clip_encoder import CoalescedForward
+
+    calls = []
+
+    def forward(inputs):
+        calls.append(len(inputs))
+        if len(calls) == 1:
+            raise RuntimeError('out of memory')
+        return inputs.numpy()
+
+    coalesced = CoalescedForward(forward, max_rows=32)
+    with pytest.raises(RuntimeError, match='out of memory'):
+        coalesced(torch.zeros(4, 2))
+    assert coalesced(torch.ones(2, 2)).tolist() == [[1.0, 1.0], [1.0, 1.0]]
