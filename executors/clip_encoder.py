@@ -75,8 +75,6 @@ class CLIPEncoder(Executor):
         # one forward pass at a time: torch already spreads one over every core, and concurrent
         # requests' passes side by side oversubscribe them (bench/dtype.py, fp32: 5.5 images/s, 9 in turn)
         self._model_lock = threading.Lock()
-        self._encode_images = CoalescedForward(lambda pixels: self._forward(self._clip.model.encode_image, pixels), minibatch_size)
-        self._encode_texts = CoalescedForward(lambda tokens: self._forward(self._encode_text, tokens), minibatch_size)
         self.logger.info(f'dtype {self._clip.dtype} on {self.device}: loaded {name} ({self._clip.spec.embed_dim}-d)')
 
     @requests(on=['/encode', '/search'])
@@ -147,7 +145,7 @@ class CLIPEncoder(Executor):
             order = torch.argsort(_token_counts(tokens), descending=True).tolist()  # similar lengths share a batch
             for positions in _minibatches(order, self.minibatch_size):
                 batch_tokens = tokens[positions]
-                self._store([texts[i] for i in positions], self._encode_texts(batch_tokens))
+                self._store([texts[i] for i in positions], self._forward(self._encode_text, batch_tokens))
         self._embed_images(images, thumbnail_size)
 
     def _embed_images(self, images: list, thumbnail_size: int = 0) -> None:
@@ -158,7 +156,7 @@ class CLIPEncoder(Executor):
             pixels = [future.result() for future in upcoming]  # raises the first bad document's error
             upcoming = self._submit(batches[i + 1], thumbnail_size) if i + 1 < len(batches) else []
             pixels = torch.stack(pixels).to(self._clip.input_dtype)
-            self._store(batch, self._encode_images(pixels))
+            self._store(batch, self._forward(self._clip.model.encode_image, pixels))
 
     def _submit(self, batch: list, thumbnail_size: int) -> list[Future]:
         return [self._pool.submit(self._preprocess, doc, thumbnail_size) for doc in batch]
@@ -206,66 +204,6 @@ class CLIPEncoder(Executor):
         self._request_threads.shutdown(wait=False)
         self._pool.shutdown(wait=False)
         super().close()
-
-
-class CoalescedForward:
-    """One forward pass at a time, into which the inputs that queued up meanwhile are merged.
-
-    clip_client sends 8 images a request and several requests at once: run alone, each request's
-    pass would hold 8 images, where int8's kernels are 15% faster at 32 (fp32's the same). The
-    caller that finds no pass running runs passes until the queue is empty; the others wait for
-    their rows. Written by hand: Jina hands each request to the handler on its own and batches none.
-    """
-
-    def __init__(self, forward: Callable[[torch.Tensor], np.ndarray], max_rows: int):
-        self._forward = forward
-        self._max_rows = max_rows
-        self._queue: list[_Pending] = []
-        self._lock = threading.Lock()
-        self._running = False
-
-    def __call__(self, inputs: torch.Tensor) -> np.ndarray:
-        mine = _Pending(inputs)
-        with self._lock:
-            self._queue.append(mine)
-            leading, self._running = not self._running, True
-        if leading:
-            self._run_until_empty()
-        mine.done.wait()
-        if mine.error is not None:
-            raise mine.error
-        return mine.result
-
-    def _run_until_empty(self) -> None:
-        while True:
-            with self._lock:
-                if not self._queue:
-                    self._running = False
-                    return
-                batch, rows = [], 0
-                while self._queue and (not batch or rows + len(self._queue[0].inputs) <= self._max_rows):
-                    batch.append(self._queue.pop(0))
-                    rows += len(batch[-1].inputs)
-            try:
-                outputs = self._forward(torch.cat([pending.inputs for pending in batch]))
-            except BaseException as exc:  # noqa: BLE001 - every waiting request gets the pass's error
-                for pending in batch:
-                    pending.finish(error=exc)
-                continue
-            start = 0
-            for pending in batch:
-                pending.finish(result=outputs[start : start + len(pending.inputs)])
-                start += len(pending.inputs)
-
-
-class _Pending:
-    def __init__(self, inputs: torch.Tensor):
-        self.inputs, self.result, self.error = inputs, None, None
-        self.done = threading.Event()
-
-    def finish(self, result: Optional[np.ndarray] = None, error: Optional[BaseException] = None) -> None:
-        self.result, self.error = result, error
-        self.done.set()
 
 
 def set_clip_scores(queries: DocumentArray, logit_scale: float) -> None:
