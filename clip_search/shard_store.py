@@ -76,15 +76,19 @@ def open_index(**annlite_kwargs):
         index = ShardAnnLite(**annlite_kwargs)
     finally:
         annlite.container.DocStorage = original
-    # annlite's id table indexes its write time for its own snapshot naming, which the shard does not use
-    index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
     single_threaded(index)
+    _drop_time_index(index)
     return index
 
 
 def single_threaded(index) -> None:
     """One HNSW thread per shard: annlite's default (all cores) makes shards on one machine fight."""
     index.vec_index(0)._index.set_num_threads(1)
+
+
+def _drop_time_index(index) -> None:
+    """annlite's id table indexes its write time for its own snapshot naming, which the shard does not use."""
+    index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
 
 
 def indexed_count(index) -> int:
@@ -143,8 +147,7 @@ def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path
         'documents': index.total_docs,
         'files': {name: {'size': (target / name).stat().st_size, 'crc32': _crc32(target / name)} for name in FILES},
     }
-    (target / (MANIFEST + '.tmp')).write_text(json.dumps(manifest, indent=2))
-    os.replace(target / (MANIFEST + '.tmp'), target / MANIFEST)
+    write_atomically(target / MANIFEST, json.dumps(manifest, indent=2).encode())
     return target
 
 
@@ -169,8 +172,9 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     for name, what in FILES.items():
         path = source / name
         size = path.stat().st_size if path.exists() else None
-        if size != files.get(name, {}).get('size'):
-            raise SnapshotError(f'{source.name}/{name} ({what}) has {size} bytes, the manifest says {files[name]["size"]}')
+        expected = files.get(name, {}).get('size')
+        if size != expected:
+            raise SnapshotError(f'{source.name}/{name} ({what}) has {size} bytes, the manifest says {expected}')
         if _crc32(path) != files[name]['crc32']:
             raise SnapshotError(f'{source.name}/{name} ({what}) is damaged: CRC-32 mismatch')
     vectors = index.vec_index(0)
@@ -179,7 +183,7 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     single_threaded(index)
     index.cell_table(0).load(source / 'cells.db')
     index.meta_table.load(source / 'meta.db')
-    index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
+    _drop_time_index(index)
     return generation, int(manifest['documents'])
 
 
@@ -211,8 +215,7 @@ def replay(index, ids: Iterable[str], batch_size: int = 1024) -> int:
         unindex(index, batch)
         stored = index.doc_store(0).get(batch)
         if len(stored):
-            embeddings = np.asarray(stored.embeddings, dtype=np.float32)
-            index.insert(embeddings, np.zeros(len(stored), dtype=np.int64), stored, only_index=True)
+            _index_stored(index, stored)
     return len(ids)
 
 
@@ -232,17 +235,22 @@ def reset(index) -> None:
     single_threaded(index)
     index.cell_table(0).clear()
     index.meta_table.clear()
-    index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
+    _drop_time_index(index)
 
 
 def rebuild(index, batch_size: int = 10240) -> int:
     """Index every stored document again (annlite's rebuild, without its own snapshot lookup)."""
     total = 0
     for docs in index.documents_generator(0, batch_size=batch_size):
-        embeddings = np.asarray(docs.embeddings, dtype=np.float32)
-        index.insert(embeddings, np.zeros(len(docs), dtype=np.int64), docs, only_index=True)
+        _index_stored(index, docs)
         total += len(docs)
     return total
+
+
+def _index_stored(index, docs) -> None:
+    """Put documents the store already holds into the graph and the tables of cell 0 (the only one)."""
+    embeddings = np.asarray(docs.embeddings, dtype=np.float32)
+    index.insert(embeddings, np.zeros(len(docs), dtype=np.int64), docs, only_index=True)
 
 
 def remove_older(folder: Path, keep_snapshot: int) -> None:

@@ -192,21 +192,23 @@ class AnnLiteIndexer(Executor):
 
     def _load(self) -> None:
         """Load the snapshot and replay the journal, or rebuild from the store; log which, in one line."""
-        store, folder, started = shard_store, self._data_path, time.monotonic()
+        folder, started = self._data_path, time.monotonic()
         try:
             try:
-                generation, documents = store.load_snapshot(self._index, folder, self._snapshot_settings)
-                replayed = store.replay(self._index, store.journalled_ids(folder, generation))
-                indexed, stored = store.indexed_count(self._index), self._index.total_docs
+                generation, documents = shard_store.load_snapshot(self._index, folder, self._snapshot_settings)
+                replayed = shard_store.replay(self._index, shard_store.journalled_ids(folder, generation))
+                indexed, stored = shard_store.indexed_count(self._index), self._index.total_docs
                 if indexed != stored:
-                    raise store.SnapshotError(f'snapshot-{generation} and its journal index {indexed} documents, the store holds {stored}')
+                    raise shard_store.SnapshotError(
+                        f'snapshot-{generation} and its journal index {indexed} documents, the store holds {stored}'
+                    )
                 path = f'loaded snapshot-{generation} ({documents} documents) and replayed {replayed} changed ids'
             except Exception as exc:  # noqa: BLE001 - any unusable snapshot: the store still has everything
-                store.reset(self._index)
-                path = f'rebuilt {store.rebuild(self._index)} documents from the document store ({exc})'
+                shard_store.reset(self._index)
+                path = f'rebuilt {shard_store.rebuild(self._index)} documents from the document store ({exc})'
                 replayed = 1
-            last = max(store.generations(folder, store.JOURNAL) + store.generations(folder, store.SNAPSHOT), default=0)
-            self._journal = store.Journal(folder, last)
+            seen = [*shard_store.generations(folder, shard_store.JOURNAL), *shard_store.generations(folder, shard_store.SNAPSHOT)]
+            self._journal = shard_store.Journal(folder, max(seen, default=0))
             if replayed:  # the next start loads this one instead of replaying or rebuilding again
                 self._snapshot()
             self._restore_after_crash()
@@ -222,8 +224,8 @@ class AnnLiteIndexer(Executor):
         """Put back the old versions of a replace that a crash cut short, journalled like any write."""
         replace_journal = self._data_path / REPLACE_JOURNAL
         if replace_journal.exists():
-            ids = DocumentArray.from_bytes(replace_journal.read_bytes())[:, 'id']
-            self._write('put', ids, lambda: _restore_interrupted_replace(self._index, self._data_path, self.logger))
+            old = DocumentArray.from_bytes(replace_journal.read_bytes())
+            self._write('put', old[:, 'id'], lambda: _restore_interrupted_replace(self._index, self._data_path, old, self.logger))
 
     def _snapshot(self) -> None:
         """Start a new journal generation, dump the graph and tables, drop what the snapshot holds."""
@@ -355,12 +357,13 @@ class AnnLiteIndexer(Executor):
         if not existing:
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
             return
-        shard_store.write_atomically(self._data_path / REPLACE_JOURNAL, self._index.doc_store(0).get(existing).to_bytes())
+        old = self._index.doc_store(0).get(existing)
+        shard_store.write_atomically(self._data_path / REPLACE_JOURNAL, old.to_bytes())
         try:
             self._index.delete(existing)
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
         except Exception:
-            _restore_interrupted_replace(self._index, self._data_path, self.logger)  # the old versions, at once
+            _restore_interrupted_replace(self._index, self._data_path, old, self.logger)  # the old versions, at once
             raise
         shard_store.remove_durably(self._data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
 
@@ -501,18 +504,14 @@ def _check_placement(data_path: Path, stored: str, wanted: str) -> None:
         )
 
 
-def _restore_interrupted_replace(index, data_path: Path, logger) -> None:
-    """A replace cut short by a crash (its journal is still there): put the old versions back.
+def _restore_interrupted_replace(index, data_path: Path, old: DocumentArray, logger) -> None:
+    """Put back ``old``, the versions a replace journalled before it was cut short, and drop the journal.
 
     The replace was never acknowledged, so the acknowledged state is the one before it.
     """
-    journal = data_path / REPLACE_JOURNAL
-    if not journal.exists():
-        return
-    old = DocumentArray.from_bytes(journal.read_bytes())
     present = [doc.id for doc in old if index.meta_table.get_address(doc.id)[0] is not None]
     if present:
         index.delete(present)
     index.index(old)
-    shard_store.remove_durably(journal)
+    shard_store.remove_durably(data_path / REPLACE_JOURNAL)
     logger.warning(f'restored {len(old)} documents of a replace interrupted by a crash: {old[:, "id"][:10]}')
