@@ -48,6 +48,10 @@ class Client:
         self.timeout = timeout
         from jina import Client as JinaClient
 
+        from clip_search import prefetch
+
+        prefetch.install()  # a long index() waits for room under prefetch instead of spinning a core
+
         scheme = server.split('://', 1)[0] if '://' in server else ''
         if scheme not in PROTOCOLS:
             raise ValueError(f'server={server!r}: expected {"|".join(PROTOCOLS)}://host:port')

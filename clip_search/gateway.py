@@ -23,6 +23,7 @@ from jina.serve.runtimes.gateway.http import HTTPGateway
 from jina.serve.runtimes.gateway.websocket import WebSocketGateway
 from jina.types.request.data import DataRequest
 
+from clip_search import prefetch
 from clip_search.sharding import UPDATE_CHECK
 
 
@@ -32,6 +33,7 @@ class _UpdateCheck:
     def __init__(self, indexer: str = 'indexer', **kwargs):
         """:param indexer: the name of the indexer's deployment in the Flow (the CLI sets it from the YAML)"""
         self.indexer = indexer  # before Jina's __init__, which builds the request handler
+        prefetch.install()  # the gateway's prefetch limit waits instead of spinning a core
         super().__init__(**kwargs)
 
     def _get_request_handler(self):
