@@ -20,7 +20,7 @@ import numpy as np
 from docarray import Document, DocumentArray
 from jina import Executor, requests
 
-from clip_search import shard_store  # annlite itself is imported late, inside it
+from clip_search import allocator, shard_store  # annlite itself is imported late, inside shard_store
 from clip_search.params import DEFAULT_LIMIT, validate_max_distance, validate_search_parameters, within_distance
 from clip_search.sharding import (
     ALL,
@@ -72,6 +72,7 @@ class AnnLiteIndexer(Executor):
             always snapshots
         """
         super().__init__(*args, **kwargs)
+        allocator.return_large_blocks_to_os()  # this process is the shard's: its freed request buffers leave
         if not n_dim:
             raise ValueError(
                 'AnnLiteIndexer needs n_dim: start the Flow with `python -m clip_search`, '

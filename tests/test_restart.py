@@ -144,3 +144,35 @@ def test_a_shard_that_is_loading_says_so_and_a_mismatched_snapshot_is_rebuilt(tm
 
     settings = json.loads(snapshot_file(tmp_path, 0, 'manifest.json').read_text())['settings']
     assert settings['shards'] == 2 and settings['n_dim'] == 16  # what a snapshot must match to be used
+
+
+SHARD_HEAP_PROBE = '''
+import ctypes, sys
+from clip_search.executors.annlite_indexer import AnnLiteIndexer
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ('arena', 'ordblks', 'smblks', 'hblks', 'hblkhd', 'usmblks', 'fsmblks', 'uordblks', 'fordblks', 'keepcost')]
+
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[2] == 'shard':
+    AnnLiteIndexer(n_dim=16, workspace=sys.argv[1])
+libc.free(libc.malloc(8 << 20))  # a request-sized buffer, freed: by default glibc now keeps such blocks in its heap
+mappings = libc.mallinfo2().hblks
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblks - mappings)  # 1: the next one got a mapping of its own, which free returns to the OS
+libc.free(block)
+'''
+
+
+def test_a_shards_process_returns_freed_request_sized_blocks_to_the_os(tmp_path):
+    import subprocess
+    import sys
+
+    def own_mappings(role: str) -> int:
+        probe = [sys.executable, '-c', SHARD_HEAP_PROBE, str(tmp_path / role), role]
+        return int(subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-1])
+
+    assert own_mappings('shard') == 1
+    assert own_mappings('plain process') == 0  # glibc's default, which the shard turns off
