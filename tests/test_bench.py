@@ -42,3 +42,18 @@ def test_quick_benchmark_at_tiny_size_writes_its_report(tmp_path):
     assert [row['shards'] for row in results['flow']] == [1, 2]
     assert all(row['recall_at_10'] >= 0.9 for row in results['flow'])
     assert '| ours: AnnLiteIndexer.search |' in (tmp_path / 'results.md').read_text()
+
+
+@pytest.mark.slow
+def test_scale_benchmark_at_tiny_size_restarts_and_keeps_the_acknowledged_state(tmp_path):
+    run = subprocess.run(
+        [sys.executable, 'bench/scale.py', '--docs', '3000', '--queries', '50', '--out', str(tmp_path), '--no-hnswlib'],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / 'scale-3000.json').read_text())['summary']
+    assert summary['recall_at_10'] >= 0.9
+    assert summary['same_answers_after_graceful_restart'] is True
+    assert summary['after_kill9'] == {'new_found_first': True, 'updated_found_first': True, 'deleted_gone': True}
+    assert summary['rss_full_mib'] > summary['rss_empty_mib'] > 0 and summary['shard_single_query_qps'] > 0
+    assert 'index_vs_hnswlib_bound' not in summary  # --no-hnswlib: no ratio to a side that did not run
