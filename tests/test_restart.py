@@ -1,10 +1,13 @@
 """Restarts load a snapshot of the HNSW graph and replay the journal after it; a bad snapshot is
-rebuilt from the documents; a shard that is loading says so; shards never load torch."""
+rebuilt from the documents; a shard that is loading says so; shards never load torch, and return
+the request buffers they free to the OS."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -167,9 +170,6 @@ libc.free(block)
 
 
 def test_a_shards_process_returns_freed_request_sized_blocks_to_the_os(tmp_path):
-    import subprocess
-    import sys
-
     def own_mappings(role: str) -> int:
         probe = [sys.executable, '-c', SHARD_HEAP_PROBE, str(tmp_path / role), role]
         return int(subprocess.run(probe, capture_output=True, text=True, check=True).stdout.split()[-1])
