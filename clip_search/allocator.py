@@ -16,22 +16,14 @@ every batch, which a fixed threshold would turn into a map and unmap each time.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-from typing import Optional
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 LARGE_BLOCK_BYTES = 128 << 10  # glibc's own starting threshold, kept instead of raised
 
 
-def _glibc() -> Optional[ctypes.CDLL]:
-    name = ctypes.util.find_library('c')
-    if not name:
-        return None
-    libc = ctypes.CDLL(name)
-    return libc if hasattr(libc, 'mallopt') and hasattr(libc, 'gnu_get_libc_version') else None
-
-
 def return_large_blocks_to_os(threshold: int = LARGE_BLOCK_BYTES) -> bool:
     """Fix this process's mmap threshold at ``threshold`` bytes; False where the C library is not glibc."""
-    libc = _glibc()
-    return bool(libc and libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold)) == 1)
+    libc = ctypes.CDLL(None)  # the C library this process already runs on, no search for it
+    if not hasattr(libc, 'gnu_get_libc_version'):
+        return False
+    return libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(threshold)) == 1
