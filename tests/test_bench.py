@@ -33,6 +33,11 @@ def test_quick_benchmark_at_tiny_size_writes_its_report(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['encode']['text']['ours_docs_per_s'] > 0 and results['encode']['image']['ours_docs_per_s'] > 0
+    for kind in ('text', 'image'):  # int8 runs in the same section, turn by turn with fp32
+        assert results['encode'][kind]['ours_int8_docs_per_s'] > 0 and results['encode'][kind]['int8_vs_fp32'] > 0
+    assert results['encode']['min_cosine_int8_vs_fp32'] >= 0.99
+    assert set(results['encode']['image_time_split']) == {'ours', 'ours_int8'}
+    assert '| ours fp32 docs/s | ours int8 docs/s |' in (tmp_path / 'results.md').read_text()
     if CLIP_SERVER_INSTALLED:
         assert results['encode']['min_cosine_ours_vs_clip_server'] > 0.999  # both encoders ran the same weights
     else:
