@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import HNSW, LIMIT, clustered_vectors, exact_top_k, dir_size_mib, median, percentile, recall_at_k, rss_mib, worker_main
+from common import HNSW, LIMIT, clustered_vectors, dir_size_mib, exact_top_k, median, percentile, recall_at_k, rss_mib, scratch_dir, worker_main
 
 
 def timed_queries(search, queries: np.ndarray) -> tuple[list, list[float]]:
@@ -112,7 +111,7 @@ def build_annlite(corpus: np.ndarray, queries: np.ndarray) -> tuple[dict, dict]:
 
     import clip_search.executors.annlite_indexer  # noqa: F401  (imported before the baseline: memory is the index's)
 
-    workspace = Path(tempfile.mkdtemp(prefix='bench-annlite-'))
+    workspace = scratch_dir('bench-annlite-')
     before = rss_mib()
     started = time.perf_counter()
     indexer = new_indexer(workspace, corpus.shape[1])
@@ -153,7 +152,7 @@ def run_scaling(task: dict) -> list[dict]:
     sizes = task['sizes']
     queries = clustered_vectors(task['n_queries'], task['clusters'], seed=2)
     corpus = clustered_vectors(sizes[-1], task['clusters'], seed=task.get('seed', 3))
-    workspace = Path(tempfile.mkdtemp(prefix='bench-scaling-'))
+    workspace = scratch_dir('bench-scaling-')
     import clip_search.executors.annlite_indexer  # noqa: F401  (imported before the baseline: memory is the index's)
 
     baseline = rss_mib()  # after the corpus exists: what follows is the index's own memory

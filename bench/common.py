@@ -6,10 +6,13 @@ must own its torch threads), reads its task as JSON from argv and writes its res
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 for _path in (ROOT, ROOT / 'tests'):  # workers run as scripts: clip_search, and the test kit (helpers)
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when this process exits (a 200k run's workspace is 1.4 GB)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
 
 DIM = 512  # ViT-B-32's embedding size
 HNSW = {'M': 16, 'ef_construction': 200, 'ef_search': 400}  # the indexer's defaults, used by every HNSW

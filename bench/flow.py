@@ -11,13 +11,12 @@ exact ground truth, and the service's resident memory.
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from common import LIMIT, median, percentile, recall_at_k, rss_mib, worker_main
+from common import LIMIT, median, percentile, recall_at_k, rss_mib, scratch_dir, worker_main
 
 
 def run(task: dict) -> dict:
@@ -27,7 +26,7 @@ def run(task: dict) -> dict:
     corpus = np.load(data / 'corpus.npy')
     queries = np.load(data / 'queries.npy')[: task['n_queries']]
     gt = np.load(data / 'gt.npy')[: task['n_queries']]
-    workdir = Path(tempfile.mkdtemp(prefix='bench-flow-'))
+    workdir = scratch_dir('bench-flow-')
     model_dir = write_tiny_model(workdir / 'model', model_cfg=dict(TINY_MODEL_CFG, embed_dim=corpus.shape[1]))
     started = time.perf_counter()
     service = start_service(model_dir, workdir / 'workspace', shards=task['shards'])

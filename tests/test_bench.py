@@ -7,6 +7,7 @@ It runs offline: clip_server (pip-installed by the benchmark on first use) is le
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -19,14 +20,26 @@ LAST_LINE = re.compile(r'^encode_vs_clip_server=(\d+\.\d+|n/a) search_qps_vs_hns
 CLIP_SERVER_INSTALLED = (ROOT / 'bench' / '.cache' / 'clip_server_site' / 'clip_server').is_dir()
 
 
+def own_temp_dir(tmp_path: Path) -> dict:
+    """An environment whose temporary folder is the test's, to see what the benchmark leaves behind."""
+    temp = tmp_path / 'temp'
+    temp.mkdir()
+    return dict(os.environ, TMPDIR=str(temp))
+
+
+def left_behind(tmp_path: Path) -> list[str]:
+    return sorted(path.name for path in (tmp_path / 'temp').glob('bench-*'))
+
+
 @pytest.mark.slow
 def test_quick_benchmark_at_tiny_size_writes_its_report(tmp_path):
     offline = [] if CLIP_SERVER_INSTALLED else ['--no-clip-server']
     run = subprocess.run(
         [sys.executable, 'bench/run.py', '--quick', '--tiny', '--out', str(tmp_path), *offline],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=own_temp_dir(tmp_path),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert left_behind(tmp_path) == []  # the workers' workspaces are removed
     last = run.stdout.strip().splitlines()[-1]
     assert LAST_LINE.match(last), last
     for name in ('results.md', 'results.json', 'overview.png', 'scaling.png', 'profile_search.txt'):
@@ -53,9 +66,10 @@ def test_quick_benchmark_at_tiny_size_writes_its_report(tmp_path):
 def test_scale_benchmark_at_tiny_size_restarts_and_keeps_the_acknowledged_state(tmp_path):
     run = subprocess.run(
         [sys.executable, 'bench/scale.py', '--docs', '3000', '--queries', '50', '--out', str(tmp_path), '--no-hnswlib'],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=own_temp_dir(tmp_path),
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
+    assert left_behind(tmp_path) == []  # its data, workspace and worker results are removed
     summary = json.loads((tmp_path / 'scale-3000.json').read_text())['summary']
     assert summary['recall_at_10'] >= 0.9
     assert summary['same_answers_after_graceful_restart'] is True
