@@ -147,7 +147,7 @@ def plot_overview(results: dict, path: Path) -> None:
     enc.legend()
     rows = results['search']
     names = [r['name'].replace(' (', '\n(').replace(': ', ':\n') for r in rows]
-    bars = ann.barh(range(len(rows)), [r['qps'] for r in rows], color=['tab:gray', 'tab:orange', 'tab:blue', 'tab:blue', 'tab:green'][: len(rows)])
+    bars = ann.barh(range(len(rows)), [r['qps'] for r in rows], color=['tab:gray', 'tab:orange', 'tab:blue', 'tab:blue', 'tab:blue', 'tab:green'][: len(rows)])
     for bar, row in zip(bars, rows):
         ann.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f' r@10 {row["recall_at_10"]:.3f}', va='center', fontsize=8)
     ann.set_yticks(range(len(rows)), names, fontsize=8)

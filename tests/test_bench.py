@@ -57,6 +57,9 @@ def test_quick_benchmark_at_tiny_size_writes_its_report(tmp_path):
         assert last.startswith('encode_vs_clip_server=n/a ') and results['encode']['ratio'] is None
     ours = next(row for row in results['search'] if row['name'].startswith('ours'))
     assert ours['recall_at_10'] >= 0.9
+    hnsw_call = next(row for row in results['search'] if row['name'] == 'annlite HNSW call (offsets only)')
+    assert hnsw_call['recall_at_10'] == ours['recall_at_10']  # the same graph: offsets are the documents' rows
+    assert '| annlite HNSW call (offsets only) |' in (tmp_path / 'results.md').read_text()
     assert [row['shards'] for row in results['flow']] == [1, 2]
     assert all(row['recall_at_10'] >= 0.9 for row in results['flow'])
     assert '| ours: AnnLiteIndexer.search |' in (tmp_path / 'results.md').read_text()
