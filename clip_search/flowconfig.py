@@ -102,6 +102,7 @@ def load_flow_config(
     if tls_cert or tls_key:
         gateway.update(_tls_settings(tls_cert, tls_key))
     _keep_executors_on_loopback(config)
+    _tolerate_jinas_keepalive_pings(config)
     if model is not None:
         _section(encoder, 'uses_with')['name'] = model
     _allow(_section(encoder, 'uses_with'), allow_paths, allow_hosts)
@@ -302,6 +303,25 @@ def _keep_executors_on_loopback(config: dict) -> None:
     """Executors listen on random unauthenticated ports: bind them to 127.0.0.1 unless the YAML says."""
     for executor in config['executors']:
         executor.setdefault('host', '127.0.0.1')
+
+
+# Jina's channels ping every 10 s even when idle ('grpc.keepalive_time_ms': 9999, permit_without_calls)
+# and it means its servers to allow that, but it names their settings 'grpc.http1.*', which gRPC does
+# not know: every server keeps gRPC's 5 minutes between pings without data, answers the third early
+# ping with GOAWAY 'too_many_pings', and the request on that connection fails. A search after an idle
+# minute then failed one time in three ('shards [1] of 2 did not answer'). Here are Jina's intended
+# settings under gRPC's names, for the gateway and every executor (their heads and mergers inherit them).
+PING_TOLERANT_SERVER = {
+    'grpc.http2.min_recv_ping_interval_without_data_ms': 5000,
+    'grpc.http2.max_ping_strikes': 0,  # 0: no limit
+}
+
+
+def _tolerate_jinas_keepalive_pings(config: dict) -> None:
+    """Let every server of the Flow take Jina's keepalive pings (a YAML's own values win)."""
+    for section in (_section(config, 'gateway'), *config['executors']):
+        options = section.get('grpc_server_options') or {}
+        section['grpc_server_options'] = {**PING_TOLERANT_SERVER, **options}
 
 
 def _tls_settings(cert: Optional[str], key: Optional[str]) -> dict:

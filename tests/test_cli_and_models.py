@@ -80,6 +80,14 @@ def test_overrides_and_index_dimension_follow_the_command_line(tiny_model):
     assert indexer['uses_with']['n_dim'] == 64  # from the model, never by hand
 
 
+def test_every_server_of_the_flow_takes_jinas_keepalive_pings_and_the_yamls_options_stay():
+    config = load_flow_config(FLOW_FILE)
+    tolerant = {'grpc.http2.min_recv_ping_interval_without_data_ms': 5000, 'grpc.http2.max_ping_strikes': 0}
+    for section in (config['gateway'], *config['executors']):
+        assert tolerant.items() <= section['grpc_server_options'].items()
+    assert config['gateway']['grpc_server_options']['grpc.max_receive_message_length'] == 64 << 20  # the YAML's
+
+
 def test_a_hand_set_dimension_that_disagrees_with_the_model_is_refused(tmp_path, tiny_model):
     config = yaml.safe_load(FLOW_FILE.read_text())
     config['executors'][1]['uses_with']['n_dim'] = 512

@@ -45,6 +45,18 @@ def test_acknowledged_documents_survive_kill_9_of_every_process(tmp_path, servic
 
 
 @pytest.mark.slow
+def test_searches_after_idle_half_minutes_succeed_without_a_goaway_between_processes(service_factory):
+    service = service_factory(shards=2)
+    client = service.client()
+    vectors = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    client.index([Document(id=f'd{i}', embedding=v) for i, v in enumerate(vectors)])
+    for _ in range(2):
+        time.sleep(35)  # Jina's channels ping every 10 s: three pings into a server's 5 minutes of patience
+        assert client.search([Document(embedding=vectors[0])], limit=1)[0].matches[0].id == 'd0'
+    assert 'too_many_pings' not in service.log()  # what the servers answered the pings with, and dropped requests
+
+
+@pytest.mark.slow
 def test_ctrl_c_stops_every_process_cleanly_and_keeps_the_index(tmp_path, service_factory):
     workspace = tmp_path / 'workspace'
     service = service_factory(shards=3, workspace=workspace)
