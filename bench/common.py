@@ -22,16 +22,16 @@ for _path in (ROOT, ROOT / 'tests'):  # workers run as scripts: clip_search, and
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
+DIM = 512  # ViT-B-32's embedding size
+HNSW = {'M': 16, 'ef_construction': 200, 'ef_search': 400}  # the indexer's defaults, used by every HNSW
+LIMIT = 10
+
+
 def scratch_dir(prefix: str) -> Path:
     """A temporary folder removed when this process exits (a 200k run's workspace is 1.4 GB)."""
     path = Path(tempfile.mkdtemp(prefix=prefix))
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
-
-
-DIM = 512  # ViT-B-32's embedding size
-HNSW = {'M': 16, 'ef_construction': 200, 'ef_search': 400}  # the indexer's defaults, used by every HNSW
-LIMIT = 10
 
 
 def clustered_vectors(n: int, n_clusters: int, seed: int, dim: int = DIM, spread: float = 0.6) -> np.ndarray:
