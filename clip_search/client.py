@@ -9,6 +9,7 @@ twin (``await client.asearch(...)``) for asyncio code.
 from __future__ import annotations
 
 import asyncio
+import functools
 import mimetypes
 import os
 import sys
@@ -38,9 +39,16 @@ class Client:
     >>> client.search(['smile'], limit=3)[0].matches[:, ('text', 'scores__cosine__value')]
     """
 
-    def __init__(self, server: str = 'grpc://localhost:61000', timeout: Optional[float] = None, **client_kwargs: Any):
+    def __init__(
+        self,
+        server: str = 'grpc://localhost:61000',
+        timeout: Optional[float] = None,
+        api_key: Optional[str] = None,
+        **client_kwargs: Any,
+    ):
         """:param server: ``scheme://host:port`` with scheme grpc, grpcs (TLS), http, https, ws or wss
         :param timeout: seconds one request (one batch) may take before it fails; default: no limit
+        :param api_key: the service's API key (``--api-key``), sent as ``Authorization`` with every request
         :param client_kwargs: passed to ``jina.Client``
         """
         if timeout is not None and timeout <= 0:
@@ -57,6 +65,9 @@ class Client:
             raise ValueError(f'server={server!r}: expected {"|".join(PROTOCOLS)}://host:port')
         self.server = server
         self._client = JinaClient(host=server.replace('websocket://', 'ws://'), asyncio=True, **client_kwargs)
+        if api_key:  # jina.Client takes the key per call only: gRPC metadata, or an HTTP/WebSocket header
+            auth = {'metadata': (('authorization', api_key),)} if scheme.startswith('grpc') else {'headers': {'Authorization': api_key}}
+            self._client.post = functools.partial(self._client.post, **auth)
 
     # -- synchronous API: each call runs its coroutine twin on the client's event loop --------
 
