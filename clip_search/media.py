@@ -178,7 +178,7 @@ def open_image(data: bytes) -> Image.Image:
     except Image.DecompressionBombError as exc:  # sizes Pillow refuses before ours is checked
         raise UnreadableImage(f'is an image of too many pixels ({exc})') from None
     except Image.UnidentifiedImageError:
-        raise UnreadableImage(_unidentified_reason(data)) from None
+        raise UnreadableImage(unidentified_reason(data)) from None
     except Exception as exc:  # a truncated header: refused, never a traceback
         raise UnreadableImage(f'is not a readable image ({exc})') from None
     if width * height > MAX_IMAGE_PIXELS:
@@ -186,7 +186,7 @@ def open_image(data: bytes) -> Image.Image:
     return image
 
 
-def _unidentified_reason(data: bytes) -> str:
+def unidentified_reason(data: bytes) -> str:
     """Why bytes no allowed decoder reads are refused: a known document format is named, never decoded."""
     known = _sniffed_format(data)
     if known is None:
