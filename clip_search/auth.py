@@ -59,8 +59,13 @@ class KeyRing:
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] = os.environ) -> 'KeyRing':
-        """The keys the CLI or a container's secret put in the environment."""
-        return cls.create(keys_from_environment(API_KEYS_ENV, environ), keys_from_environment(READ_ONLY_KEYS_ENV, environ))
+        """The keys the CLI or a container's secret put in the environment; key files that hold no key at all
+        are refused (a gateway meant to need keys would accept anyone)."""
+        keys = cls.create(keys_from_environment(API_KEYS_ENV, environ), keys_from_environment(READ_ONLY_KEYS_ENV, environ))
+        files = [environ[name + FILE_SUFFIX] for name in (API_KEYS_ENV, READ_ONLY_KEYS_ENV) if environ.get(name + FILE_SUFFIX)]
+        if files and not keys.enabled:
+            raise KeySettingError(f'{" and ".join(files)} hold no API key: write one a line (or unset {API_KEYS_ENV}{FILE_SUFFIX})')
+        return keys
 
     @property
     def enabled(self) -> bool:
@@ -86,19 +91,19 @@ def keys_from_environment(name: str, environ: Mapping[str, str] = os.environ) ->
     """Keys of ``name`` (comma- or line-separated) and of the file ``name``_FILE names (one a line)."""
     keys = _split(environ.get(name, ''))
     path = environ.get(name + FILE_SUFFIX)
-    if path:
-        keys += read_key_file(path, name + FILE_SUFFIX)
+    if path:  # a secret's file may be empty (no read-only keys, say)
+        keys += read_key_file(path, name + FILE_SUFFIX, required=False)
     return keys
 
 
-def read_key_file(path: str, option: str) -> list[str]:
+def read_key_file(path: str, option: str, required: bool = True) -> list[str]:
     """The keys of a file, one a line (blank lines and ``#`` comments skipped)."""
     try:
         text = Path(path).expanduser().read_text()
     except OSError as exc:
         raise KeySettingError(f'{option} {path}: cannot be read ({exc.strerror or exc})') from None
     keys = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith('#')]
-    if not keys:
+    if required and not keys:
         raise KeySettingError(f'{option} {path}: holds no key')
     return keys
 

@@ -8,6 +8,7 @@ Every refused request is answered as specified (gRPC UNAUTHENTICATED / PERMISSIO
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -18,8 +19,8 @@ import requests
 from docarray import Document, DocumentArray
 
 from clip_search import Client
-from clip_search.auth import UNAUTHENTICATED, permission_denied
-from helpers.service import start_service
+from clip_search.auth import UNAUTHENTICATED, KeyRing, KeySettingError, permission_denied
+from helpers.service import free_port, start_service
 
 FULL_KEY = 'rw-' + secrets.token_hex(16)
 READ_KEY = 'ro-' + secrets.token_hex(16)
@@ -31,6 +32,7 @@ class Keyed:
     grpc: str
     http: str
     ws: str
+    web: str
     service: object
 
     def stored(self) -> list[str]:
@@ -45,12 +47,16 @@ def keyed(tmp_path_factory, tiny_model):
     directory = tmp_path_factory.mktemp('keys')
     (directory / 'read-write').write_text(f'# the operators\n{FULL_KEY}\n')
     (directory / 'read-only').write_text(READ_KEY + '\n')
+    web_port = free_port()
     service = start_service(
         tiny_model, directory / 'workspace', shards=2, protocol='grpc,http,websocket',
-        extra_args=('--api-key-file', str(directory / 'read-write'), '--read-only-key-file', str(directory / 'read-only')),
+        extra_args=('--api-key-file', str(directory / 'read-write'), '--read-only-key-file', str(directory / 'read-only'),
+                    '--web-port', str(web_port)),
     )  # fmt: skip
     port = service.port  # the next protocols on the next ports
-    keyed = Keyed(f'grpc://127.0.0.1:{port}', f'http://127.0.0.1:{port + 1}', f'ws://127.0.0.1:{port + 2}', service)
+    keyed = Keyed(
+        f'grpc://127.0.0.1:{port}', f'http://127.0.0.1:{port + 1}', f'ws://127.0.0.1:{port + 2}', f'http://127.0.0.1:{web_port}', service
+    )
     Client(keyed.grpc, api_key=FULL_KEY).index(SEEDS)
     yield keyed
     service.stop()
@@ -163,6 +169,54 @@ def test_health_and_readiness_need_no_key_and_tell_nothing_of_the_index(keyed):
     assert JinaClient(host=keyed.ws).is_flow_ready()
     assert requests.get(f'{keyed.http}/', timeout=30).json() == {}
     assert requests.get(f'{keyed.http}/dry_run', timeout=30).json()['code'] == 0
+
+
+def test_the_web_page_asks_its_api_callers_for_a_key_and_calls_the_flow_with_its_own(keyed):
+    assert requests.get(f'{keyed.web}/', timeout=30).status_code == 200  # the page, which asks for the key
+    for headers in ({}, {'Authorization': 'Bearer not-a-key-of-this-service'}):
+        answer = requests.post(f'{keyed.web}/api/search', json={'query': 'a kept sentence'}, headers=headers, timeout=60)
+        assert (answer.status_code, answer.json()) == (401, {'error': UNAUTHENTICATED})
+    for key in (READ_KEY, FULL_KEY):
+        answer = requests.post(f'{keyed.web}/api/search', json={'query': 'a kept sentence number 0', 'limit': 1},
+                               headers={'Authorization': f'Bearer {key}'}, timeout=60)  # fmt: skip
+        assert answer.status_code == 200 and [m['id'] for m in answer.json()['matches']] == ['seed-0']
+    status = requests.get(f'{keyed.web}/api/status', headers={'Authorization': READ_KEY}, timeout=60)
+    assert status.json()['documents'] == 3
+
+
+def test_the_service_says_when_it_needs_no_key(keyed):
+    assert 'no API key is set' not in keyed.service.log()  # this one has keys (the one-line warning: test_security)
+
+
+def test_keys_are_matched_whole_in_either_header_form():
+    keys = KeyRing.create(full=['read-write-key-0123456789'], read_only=['read-only-key-0123456789'])
+    assert [keys.access(value) for value in (
+        'read-write-key-0123456789', 'Bearer read-write-key-0123456789', 'bearer  read-write-key-0123456789 ',
+        'Bearer read-only-key-0123456789', None, '', 'Bearer', 'read-write-key-012345678', 'Basic read-write-key-0123456789',
+    )] == ['read-write', 'read-write', 'read-write', 'read-only', None, None, None, None, None]  # fmt: skip
+    assert not KeyRing.create().enabled and keys.enabled
+
+
+def test_keys_come_from_options_files_and_the_environment(tmp_path, monkeypatch):
+    from clip_search.cli import build_parser, settle_api_keys
+
+    (tmp_path / 'keys').write_text('# ours\nfrom-a-file-0123456789\n\n')
+    monkeypatch.setenv('CLIP_SEARCH_API_KEYS', 'from-the-env-0123456789,another-env-key-0123')
+    args = build_parser().parse_args(['--api-key', 'on-the-line-0123456789', '--api-key-file', str(tmp_path / 'keys')])
+    keys = settle_api_keys(args)
+    for key in ('on-the-line-0123456789', 'from-a-file-0123456789', 'from-the-env-0123456789', 'another-env-key-0123'):
+        assert keys.access(key) == 'read-write'
+    assert keys.read_only == () and os.environ['CLIP_SEARCH_API_KEYS'].count(',') == 3  # handed to the gateway
+    for bad, message in (
+        (['--api-key', 'short'], '--api-key: a key must be at least 16 printable ASCII characters, without spaces or commas'),
+        (['--read-only-key-file', str(tmp_path / 'none')], f'--read-only-key-file {tmp_path / "none"}: cannot be read (No such file or directory)'),
+    ):  # fmt: skip
+        with pytest.raises(KeySettingError) as refused:
+            settle_api_keys(build_parser().parse_args(bad))
+        assert str(refused.value) == message
+    (tmp_path / 'empty').write_text('\n')
+    with pytest.raises(KeySettingError, match='hold no API key'):  # a gateway meant to need keys would accept anyone
+        KeyRing.from_environment({'CLIP_SEARCH_API_KEYS_FILE': str(tmp_path / 'empty')})
 
 
 def websocket_close(url: str, headers: dict, message: dict) -> tuple[int, str]:
