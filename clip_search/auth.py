@@ -263,9 +263,10 @@ WS_UNAUTHENTICATED, WS_PERMISSION_DENIED = 4401, 4403  # close codes: 4000 + the
 class KeyMiddleware:
     """ASGI middleware: every HTTP request and WebSocket but health and readiness needs a key.
 
-    Over HTTP the answer is 401 or 403 with ``{"error": reason}``. A WebSocket has no status once it is
-    open, and uvicorn cannot refuse the handshake with one: it is accepted and closed at once with code
-    4401 (no valid key), or, for a read-only key, 4403 at the first message to a write endpoint.
+    Over HTTP the answer is 401 or 403 with ``{"error": reason}``. A WebSocket without a valid key is
+    refused in its handshake, which uvicorn answers with HTTP 403 (an open one that is then closed
+    would leave Jina's client waiting forever); a read-only key's socket is closed with code 4403 (and
+    the reason) at its first message to a write endpoint.
     """
 
     def __init__(self, app, keys: KeyRing, open_paths: frozenset = OPEN_HTTP_PATHS):
@@ -295,9 +296,8 @@ class KeyMiddleware:
         return scope['path'] in self.open_paths and scope['method'] in ('GET', 'HEAD')
 
     async def _websocket(self, scope, receive, send, access):
-        if access is None:
+        if access is None:  # refused in the handshake: uvicorn answers HTTP 403 (it cannot send a 401 there)
             await receive()  # websocket.connect
-            await send({'type': 'websocket.accept'})
             await send({'type': 'websocket.close', 'code': WS_UNAUTHENTICATED, 'reason': UNAUTHENTICATED[:120]})
             return
         if access == FULL:
