@@ -186,7 +186,6 @@ def _endpoint_of(request) -> str:
 
 def _refusing(handler, code, message: str):
     """A handler of the same shape as ``handler`` that answers ``code`` and runs nothing."""
-    import grpc
 
     async def refuse(request, context):
         await context.abort(code, message)

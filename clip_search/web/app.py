@@ -4,6 +4,9 @@ Routes: ``GET /`` the page, ``/static/*`` its script and style, ``POST /api/sear
 multipart upload), ``GET /api/status``, ``GET /api/thumbnail?id=DOC_ID``. Calls to the Flow use
 the client's asyncio methods with a deadline (a hung Flow is a 504, not a hung page); thumbnails are
 made in a small thread pool (PIL work would block the loop), reading only what the encoder may read.
+Before any route: the Host must be one the page serves (DNS rebinding), a POST must come from the page's
+own site, and with API keys an /api/ call must carry one. Errors tell the browser what to do, never an
+exception text or a server path (those go to the log, under the id the answer gives).
 """
 
 from __future__ import annotations
