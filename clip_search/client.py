@@ -26,6 +26,7 @@ from docarray import Document, DocumentArray
 
 from clip_search.params import DEFAULT_LIMIT
 from clip_search.progress import JobProgress
+from clip_search.sharding import LOOKUP
 
 Input = Union[str, Document]
 Inputs = Union[Input, DocumentArray, Iterable[Input]]
@@ -159,6 +160,19 @@ class Client:
         answers = await self._collected('/delete', docs, batch_size, show_progress=False)
         return [doc.id for doc in answers if doc.tags.get('deleted')]
 
+    async def aindexed(self, ids: Iterable[str], batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+        """Which of ``ids`` are indexed, on any shard, in the order given (a read-only lookup)."""
+        held: list[str] = []
+        await self._post(
+            '/status',
+            (Document(id=doc_id) for doc_id in ids),
+            batch_size,
+            show_progress=False,
+            on_answer=lambda _sent, answer: held.extend(doc.id for doc in answer if doc.tags.get('held')),
+            parameters={LOOKUP: True},
+        )
+        return held
+
     async def astatus(self) -> dict:
         """Documents in total and per shard, and the index settings."""
         answer = await self._collected('/status', [Document()], 1, show_progress=False)
@@ -214,7 +228,7 @@ class Client:
         async def send(batch: DocumentArray) -> Any:
             return await self._send(endpoint, batch, parameters, responses)
 
-        with JobProgress(endpoint, total, bar=show_progress) as progress:
+        with JobProgress(endpoint, total, bar=show_progress, log_to=sys.stdout) as progress:
 
             def answered(batch: DocumentArray, answer: Any) -> None:
                 on_answer(batch, answer)
@@ -258,6 +272,7 @@ class Client:
     rank = _synchronous(arank)
     update = _synchronous(aupdate)
     delete = _synchronous(adelete)
+    indexed = _synchronous(aindexed)
     status = _synchronous(astatus)
     profile = _synchronous(aprofile)
 

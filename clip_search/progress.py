@@ -20,6 +20,7 @@ class JobProgress:
     ):
         """:param bar: draw rich's progress bar (docs/s, ETA, refused)
         :param log_every: without a bar, print one line every so many seconds (None: print nothing)
+        :param log_to: where the bar or the lines go
         """
         self.done = 0
         self.refused = 0
@@ -28,7 +29,7 @@ class JobProgress:
         self._log_every = log_every
         self._log_to = log_to
         self._last_log = self.started
-        self._bar = _rich_bar(description, total) if bar else None
+        self._bar = _rich_bar(description, total, log_to) if bar else None
 
     def __enter__(self) -> 'JobProgress':
         if self._bar is not None:
@@ -60,7 +61,8 @@ class JobProgress:
             print(f'{self.done:,}{of} done, {self.refused:,} refused, {self.rate:.0f} docs/s', file=self._log_to, flush=True)
 
 
-def _rich_bar(description: str, total: Optional[int]):
+def _rich_bar(description: str, total: Optional[int], file: TextIO):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(
@@ -71,6 +73,7 @@ def _rich_bar(description: str, total: Optional[int]):
         TextColumn('refused {task.fields[refused]}'),
         TextColumn('ETA'),
         TimeRemainingColumn(),
+        console=Console(file=file),
     )
     task = progress.add_task(description, total=total, refused=0, rate=0)
     return progress, task
