@@ -25,14 +25,16 @@ IN_FLIGHT = inspect.signature(Client).parameters['in_flight'].default
 def command_main(argv: Sequence[str]) -> int:
     """``argv[0]`` is one of ``COMMANDS``; returns the exit code."""
     name, rest = argv[0], list(argv[1:])
-    logging.disable(logging.CRITICAL)  # Jina's client logs each failure in many lines: a command says it in one
     args = _parsers()[name]().parse_args(rest)  # argparse exits 2 on bad arguments, in one line
     run: Callable[[argparse.Namespace], int] = {'index': run_index, 'search': run_search, 'status': run_status, 'delete': run_delete}[name]
+    logging.disable(logging.CRITICAL)  # Jina's client logs each failure in many lines: a command says it in one
     try:
         return run(args)
     except CommandError as exc:
         print(f'clip-search {name}: {exc}', file=sys.stderr)
         return EXIT_CANNOT_RUN
+    finally:
+        logging.disable(logging.NOTSET)
 
 
 class CommandError(RuntimeError):

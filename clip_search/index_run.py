@@ -25,7 +25,7 @@ from typing import IO, Iterable, Iterator, Optional
 from docarray import Document, DocumentArray
 
 from clip_search.client import Client, RequestError, _run, batches, pipeline
-from clip_search.ingest import Columns, Entry, Failure, Tally, entries, load_ahead
+from clip_search.ingest import Columns, Entry, Failure, Tally, count_estimate, entries, load_ahead
 from clip_search.progress import JobProgress
 
 EXIT_OK, EXIT_REFUSED, EXIT_CANNOT_RUN, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -125,13 +125,17 @@ class IndexRun:
         error: Optional[str] = None
         self.settings.failures.parent.mkdir(parents=True, exist_ok=True)
         with self._checkpoint.writing(done), self.settings.failures.open('w', encoding='utf-8') as self._failures:
-            with JobProgress('indexing', bar=self.bar, log_every=None if self.bar else 10.0, log_to=self.err) as progress:
+            total = count_estimate(self.settings.sources)
+            total = total - self.before if total is not None and total >= self.before else total
+            with JobProgress('indexing', total, bar=self.bar, log_every=None if self.bar else 10.0, log_to=self.err) as progress:
                 self._progress = progress
                 with _stop_on_ctrl_c(self.stop):
                     try:
                         _run(self._stream(done))
-                    except (RunError, RequestError, ConnectionError) as exc:
+                    except (RunError, RequestError) as exc:
                         error = str(exc)
+                    except Exception as exc:  # the server went away, a timeout: one line, and the checkpoint holds
+                        error = (str(exc).splitlines() or [type(exc).__name__])[0]
         self._print_summary(time.monotonic() - started)
         if error is not None:
             print(f'clip-search index: stopped: {error}; {self._resume_hint()}', file=self.err)
@@ -173,7 +177,7 @@ class IndexRun:
         refusals: list[tuple[str, str]] = []
         while len(batch):
             try:
-                answer = await self.client._send('/index', batch)
+                answer = await self.client.send_batch('/index', batch)
             except RequestError as exc:
                 doc_id = refused_document(exc.reason, batch[:, 'id'])
                 if doc_id is None:

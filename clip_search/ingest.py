@@ -96,6 +96,31 @@ def check_sources(sources: Iterable[str], columns: Columns) -> None:
                 )
 
 
+def count_estimate(sources: Iterable[str]) -> Optional[int]:
+    """About how many entries the sources give (files and table rows; skipped files included), for an ETA.
+
+    None when a source is stdin. Reads names and lines only, not contents.
+    """
+    total = 0
+    for source in sources:
+        path = Path(source)
+        if source == '-':
+            return None
+        if glob.has_magic(source):
+            total += sum(1 for name in glob.iglob(source, recursive=True) if os.path.isfile(name))
+        elif path.is_dir():
+            total += sum(len(files) for _root, _dirs, files in os.walk(path))
+        elif path.suffix.lower() == '.parquet':
+            total += _parquet(path).metadata.num_rows
+        elif path.suffix.lower() in TABLE_SUFFIXES:
+            with path.open('rb') as file:
+                lines = sum(1 for line in file if line.strip())
+            total += lines - (path.suffix.lower() != '.jsonl')  # a CSV's header
+        else:
+            total += 1
+    return total
+
+
 def _entries_of(source: str, columns: Columns, texts: bool, tally: Tally, stdin) -> Iterator[Entry]:
     if source == '-':
         yield from _stdin_entries(stdin)

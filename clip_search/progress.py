@@ -54,7 +54,7 @@ class JobProgress:
     def _show(self) -> None:
         if self._bar is not None:
             progress, task = self._bar
-            progress.update(task, completed=self.done, refused=self.refused, rate=f'{self.rate:.0f}')
+            progress.update(task, completed=self.done + self.refused, refused=self.refused, rate=f'{self.rate:.0f}')
         elif self._log_every is not None and time.monotonic() - self._last_log >= self._log_every:
             self._last_log = time.monotonic()
             of = f' of {self._total:,}' if self._total else ''

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
 import signal
 import struct
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from clip_search.cli import main
 from conftest import png_bytes
 from helpers.service import start_service
 
@@ -33,12 +33,12 @@ def service(tmp_path_factory, tiny_model):
     service.stop()
 
 
-def index_command(service, *args: str, cwd: Path) -> list[str]:
+def index_command(service, *args: str) -> list[str]:
     return [sys.executable, '-m', 'clip_search', 'index', *args, '--server', service.address, '--timeout', '60']
 
 
 def run_index(service, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(index_command(service, *args, cwd=cwd), cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(index_command(service, *args), cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -107,21 +107,29 @@ def test_a_folder_with_bad_files_and_a_table_of_texts_index_all_good_documents_o
     assert len(found) == 5 and {m.tags['shape'] for m in found} == {'star'}
 
 
-def test_kill_9_mid_run_then_resume_stores_every_image_exactly_once(service, tmp_path):
-    """400 images (the issue says 2,000; 400 keep CI time low and still take dozens of batches)."""
+def test_ctrl_c_then_kill_9_mid_run_then_resume_stores_every_image_exactly_once(service, tmp_path):
+    """400 images (the issue says 2,000; 400 keep CI time low and still take 50 batches)."""
     client = service.client()
     before = client.status()['documents']
     ids = image_folder(tmp_path / 'album', 400, 'album')
     args = ('album', '--failures', 'run/failures.jsonl', '--batch-size', '8')
-    process = subprocess.Popen(index_command(service, *args, cwd=tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     checkpoint = tmp_path / 'run' / 'failures.checkpoint'
-    deadline = time.monotonic() + 120
-    while _acked_lines(checkpoint) < 10 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    stored_at_kill = client.status()['documents'] - before
-    assert 0 < stored_at_kill < 400
+
+    interrupted = start_index_until_acked(service, args, tmp_path, checkpoint, batches=5)
+    interrupted.send_signal(signal.SIGINT)  # Ctrl-C: stop reading, let the batches in flight be answered
+    out, err = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130, err
+    assert err.decode().endswith(
+        'clip-search index: stopped by Ctrl-C after the batches in flight were answered; '
+        'run the same command with --resume to continue where it stopped\n'
+    )
+    stored = client.status()['documents'] - before
+    assert 0 < stored < 400 and len(acked_ids(checkpoint)) == stored  # nothing stored that is not checkpointed
+
+    killed = start_index_until_acked(service, (*args, '--resume'), tmp_path, checkpoint, batches=5)
+    killed.kill()  # kill -9: the batches in flight may be stored, unacknowledged
+    killed.wait()
+    assert stored < client.status()['documents'] - before < 400
 
     ran = run_index(service, *args, '--resume', cwd=tmp_path)
 
@@ -131,8 +139,28 @@ def test_kill_9_mid_run_then_resume_stores_every_image_exactly_once(service, tmp
     assert client.indexed(ids) == ids
 
 
-def test_resume_asks_the_server_about_batches_sent_but_never_acknowledged(service, tmp_path):
+def start_index_until_acked(service, args, cwd: Path, checkpoint: Path, batches: int) -> subprocess.Popen:
+    """Start the command and return once ``batches`` more batches are acknowledged in its checkpoint."""
+    known = len(acked_ids(checkpoint))
+    process = subprocess.Popen(index_command(service, *args), cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(acked_ids(checkpoint)) < known + 8 * batches:
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.05)
+    return process
+
+
+def acked_ids(checkpoint: Path) -> set[str]:
+    try:
+        lines = checkpoint.read_text().splitlines()
+    except OSError:
+        return set()
+    return {i for line in lines if line.endswith('}') for i in json.loads(line).get('acked', ())}
+
+
+def test_resume_asks_the_server_about_batches_sent_but_never_acknowledged(service, tmp_path, monkeypatch, capsys):
     """A batch may be stored although the client died before the answer: --resume sends only what is missing."""
+    monkeypatch.chdir(tmp_path)
     client = service.client()
     before = client.status()['documents']
     ids = image_folder(tmp_path / 'shots', 30, 'shot')
@@ -141,14 +169,15 @@ def test_resume_asks_the_server_about_batches_sent_but_never_acknowledged(servic
     (tmp_path / 'run' / 'failures.checkpoint').write_text(
         json.dumps({'acked': []}) + '\n' + json.dumps({'sent': ids[:25]}) + '\n{"acked": ["sho'  # cut by the kill
     )
-    ran = run_index(service, 'shots', '--failures', 'run/failures.jsonl', '--resume', cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.startswith('indexed 30 of 30 in ') and ran.stdout.endswith('; 20 of them before --resume\n'), ran.stdout
+    assert main(['index', 'shots', '--failures', 'run/failures.jsonl', '--resume', '--server', service.address]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith('indexed 30 of 30 in ') and out.endswith('; 20 of them before --resume\n'), out + err
     assert client.status()['documents'] - before == 30
     assert client.indexed(['shot-never-made.png', ids[3], 'shot-missing.png']) == [ids[3]]  # the lookup --resume uses
 
 
-def test_a_missing_source_a_missing_column_and_an_unreachable_server_are_one_line_errors(service, tmp_path):
+def test_a_missing_source_a_missing_column_and_an_unreachable_server_are_one_line_errors(service, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / 'table.csv').write_text('url,caption\nx.png,a text\n')
     cases = {
         ('nowhere',): 'clip-search index: nowhere: no such file or folder\n',
@@ -156,24 +185,45 @@ def test_a_missing_source_a_missing_column_and_an_unreachable_server_are_one_lin
         ('table.csv',): 'clip-search index: table.csv: a table needs --uri-column or --text-column\n',
     }
     for args, error in cases.items():
-        ran = run_index(service, *args, cwd=tmp_path)
-        assert (ran.returncode, ran.stdout, ran.stderr) == (2, '', error), args
-    down = subprocess.run(
-        [sys.executable, '-m', 'clip_search', 'index', 'table.csv', '--text-column', 'caption', '--server', 'grpc://127.0.0.1:9'],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert down.returncode == 2 and down.stdout == ''
-    assert down.stderr.startswith('clip-search index: cannot reach the server at grpc://127.0.0.1:9: ') and down.stderr.count('\n') == 1
+        assert main(['index', *args, '--server', service.address]) == 2
+        assert capsys.readouterr() == ('', error), args
+    assert main(['index', 'table.csv', '--text-column', 'caption', '--server', 'grpc://127.0.0.1:9']) == 2
+    out, err = capsys.readouterr()
+    assert out == '' and err.startswith('clip-search index: cannot reach the server at grpc://127.0.0.1:9: ') and err.count('\n') == 1
+
+
+def test_search_status_and_delete_from_the_shell(service, tmp_path, monkeypatch, capsys):
+    from docarray import Document
+
+    monkeypatch.chdir(tmp_path)
+    client = service.client()
+    client.index([
+        Document(id='shell-red', text='a red circle typed in a shell', tags={'color': 'red'}),
+        Document(id='shell-blue', text='a blue square typed in a shell', tags={'color': 'blue'}),
+    ])  # fmt: skip
+
+    def command(*args: str) -> tuple[int, str, str]:
+        code = main([*args, '--server', service.address, '--timeout', '30'])
+        return (code, *capsys.readouterr())
+
+    code, out, err = command('search', 'a red circle typed in a shell', '--limit', '1', '--json')
+    assert code == 0, err
+    (match,) = json.loads(out)
+    assert (match['id'], match['text'], match['tags']) == ('shell-red', 'a red circle typed in a shell', {'color': 'red'})
+    assert match['distance'] == pytest.approx(0.0, abs=1e-5)
+    code, out, err = command('search', 'a red circle typed in a shell', '--limit', '1', '--filter', '{"color": {"$eq": "blue"}}')
+    assert re.fullmatch(r"'a red circle typed in a shell':\n    0\.\d{3}  a blue square typed in a shell\n", out), out + err
+    code, out, err = command('status', '--json')
+    assert json.loads(out) == client.status()
+    (tmp_path / 'ids.txt').write_text('shell-blue\nshell-never-indexed\n')
+    assert command('delete', 'shell-red', '--from', 'ids.txt') == (0, 'deleted 2 of 3 ids (1 were not indexed)\n', '')
+    assert client.indexed(['shell-red', 'shell-blue']) == []
+    code, out, err = command('search', 'x', '--filter', '{"color": ')
+    assert (code, out) == (2, '')
+    assert err.startswith('clip-search search: --filter is not JSON (') and err.count('\n') == 1
 
 
 def _image_doc(root: Path, rel: str):
     from docarray import Document
 
     return Document(id=rel, uri=str((root / rel).resolve()), blob=(root / rel).read_bytes())
-
-
-def _acked_lines(path: Path) -> int:
-    try:
-        return path.read_text().count('"acked"') - 1  # the first line is the (empty) start
-    except OSError:
-        return 0
