@@ -1,6 +1,7 @@
 """``python -m clip_search FLOW.yml``: load a Flow YAML, apply the overrides, serve until stopped.
 
-``python -m clip_search export docker-compose|kubernetes FLOW.yml`` writes it as containers (deploy.py).
+``python -m clip_search export docker-compose|kubernetes FLOW.yml`` writes it as containers (deploy.py);
+``python -m clip_search index|search|status|delete ...`` are client commands (commands.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from clip_search.flowconfig import (
 )
 from clip_search.models import DTYPES, ModelUnavailableError
 from clip_search.web.server import WebServerError, bind_web_socket
+
+
+CLIENT_COMMANDS = ('index', 'search', 'status', 'delete')  # clip_search/commands.py, imported when used
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -274,6 +278,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         from clip_search.deploy import export_main
 
         return export_main(argv[1:])
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:  # `python -m clip_search index ...`: commands.py
+        from clip_search.commands import command_main
+
+        return command_main(argv)
     _internal_ports_outside_ephemeral_range()
     args = build_parser().parse_args(argv)
     try:

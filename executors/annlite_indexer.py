@@ -29,6 +29,7 @@ from clip_search.sharding import (
     DEFAULT_INDEX_POLLING,
     check_index_polling,
     held_answer,
+    is_lookup,
     is_update_check,
     owner_shard,
     refuse_unheld,
@@ -162,8 +163,13 @@ class AnnLiteIndexer(Executor):
         return self._answer(self._search_docs, docs, parameters)
 
     @requests(on='/status')
-    def status(self, **kwargs) -> DocumentArray:
-        """This shard's document count and the index settings, in the merged status format."""
+    def status(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
+        """This shard's document count and the index settings, in the merged status format.
+
+        With the ``LOOKUP`` parameter, which of the documents' ids this shard holds (read-only).
+        """
+        if is_lookup(parameters):
+            return self._answer(self._lookup, docs)
         return self._answer(self._status)
 
     def close(self) -> None:
@@ -282,6 +288,9 @@ class AnnLiteIndexer(Executor):
         if self.shards == 1:  # no merger runs after a single shard: refuse here
             refuse_unheld([answer])
         return DocumentArray(answer)
+
+    def _lookup(self, docs: DocumentArray) -> DocumentArray:
+        return DocumentArray(held_answer(docs[:, 'id'], {doc.id for doc in docs if self._contains(doc.id)}))
 
     def _delete_docs(self, docs: DocumentArray) -> DocumentArray:
         present = [doc.id for doc in docs if self._contains(doc.id)]

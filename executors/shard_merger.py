@@ -16,7 +16,9 @@ from clip_search.sharding import (
     DEFAULT_INDEX_POLLING,
     answering_shards,
     check_index_polling,
+    is_lookup,
     is_update_check,
+    merge_held,
     merge_status,
     refuse_unheld,
     split_shard_answers,
@@ -76,11 +78,15 @@ class ShardMerger(Executor):
         return queries
 
     @requests(on='/status')
-    def merge_statuses(self, docs_matrix: Optional[List[DocumentArray]], **kwargs) -> Optional[DocumentArray]:
-        """Total and per-shard document counts."""
+    def merge_statuses(
+        self, docs_matrix: Optional[List[DocumentArray]], parameters: dict, **kwargs
+    ) -> Optional[DocumentArray]:
+        """Total and per-shard document counts; for a lookup, whether any shard holds each id."""
         if not docs_matrix:
             return None
         docs_matrix = split_shard_answers(docs_matrix, self.shards)
+        if is_lookup(parameters):
+            return DocumentArray(Document(id=i, tags={'held': h}) for i, h in merge_held(docs_matrix).items())
         return DocumentArray([merge_status(doc for answer in docs_matrix for doc in answer)])
 
     @requests(on='/delete')

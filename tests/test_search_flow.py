@@ -286,6 +286,22 @@ def test_long_jobs_show_a_progress_bar_and_accept_generators(service, capfd):
     assert client.search(['progress sentence 59'], limit=1)[0].matches[0].text == 'progress sentence 59'
 
 
+def test_a_generator_is_indexed_as_it_is_read_not_read_first(service):
+    client = Client(service.address, in_flight=2)
+    before = client.status()['documents']
+    indexed_while_reading = {}
+
+    def sentences():
+        for i in range(40):
+            if i in (0, 15):  # batches of 5, 2 in flight: batch 4 (from 15) is read once batches 1 and 2 are answered
+                indexed_while_reading[i] = client.status()['documents'] - before
+            yield Document(id=f'lazy-{i}', text=f'lazy sentence {i}')
+
+    assert client.index(sentences(), batch_size=5) == [f'lazy-{i}' for i in range(40)]  # the acknowledged ids
+    assert indexed_while_reading[0] == 0 and indexed_while_reading[15] >= 10  # read 40 first: 0 stored at 15
+    assert client.status()['documents'] - before == 40
+
+
 def test_answers_come_back_in_the_order_of_the_inputs(service):
     client = service.client()
     texts = [f'ordered sentence {i}' for i in range(200)]
