@@ -20,6 +20,7 @@ ENCODER_CLASS = 'CLIPEncoder'
 INDEXER_CLASS = 'AnnLiteIndexer'
 GATEWAY_MODULE = 'clip_search.gateway'  # Jina's gateway with an all-or-nothing /update, one class per protocol
 GATEWAY_CLASSES = {'grpc': 'CheckedGRPCGateway', 'http': 'CheckedHTTPGateway', 'websocket': 'CheckedWebSocketGateway'}
+COMPOSITE_GATEWAY_CLASS = 'CheckedCompositeGateway'  # several protocols at once
 SHARDED_ENDPOINTS = ('/search', '/update', '/delete', '/status')  # must reach every shard
 MERGER_CLASS = 'ShardMerger'
 # the modules of our executors, by class (the merger runs in the indexer's deployment)
@@ -95,7 +96,8 @@ def load_flow_config(
     if port is not None:
         _section(config, 'with')['port'] = port
     if protocol is not None:
-        _section(config, 'with')['protocol'] = protocol
+        _section(config, 'with')['protocol'] = protocols_of(protocol)
+    _port_per_protocol(config)
     gateway = _section(config, 'gateway')  # the gateway's alone: 'with' reaches every executor
     if host is not None:
         gateway['host'] = host
@@ -158,14 +160,42 @@ def indexer_polling(indexer: dict) -> Callable[[str], str]:
     return lambda endpoint: str(polling).upper()
 
 
+def protocols_of(protocol) -> str | list[str]:
+    """``grpc`` or ``grpc,http,websocket`` (a list: one gateway serves them all, each on its own port)."""
+    names = [name.strip().lower() for name in (protocol.split(',') if isinstance(protocol, str) else protocol)]
+    for name in names:
+        if name not in GATEWAY_CLASSES:
+            raise FlowConfigError(f'protocol {name!r} is unknown: use {", ".join(GATEWAY_CLASSES)} (or several, comma-separated)')
+    return names[0] if len(names) == 1 else names
+
+
+def _port_per_protocol(config: dict) -> None:
+    """Several protocols and one port: the first protocol on it, each next one on the next port."""
+    settings = config.get('with') or {}
+    protocol, port = settings.get('protocol'), settings.get('port')
+    if isinstance(protocol, list) and isinstance(port, int):
+        settings['port'] = [port + offset for offset in range(len(protocol))]
+
+
+def gateway_addresses(config: dict, host: str, ports) -> list[str]:
+    """``scheme://host:port`` of each protocol the gateway serves (``ports``: the Flow's, one or a list)."""
+    protocols = (config.get('with') or {}).get('protocol', 'grpc')
+    protocols = protocols if isinstance(protocols, list) else [protocols]
+    ports = ports if isinstance(ports, list) else [ports]
+    tls = 's' if (config.get('gateway') or {}).get('ssl_certfile') else ''
+    schemes = [{'websocket': 'ws'}.get(str(p).lower(), str(p).lower()) + tls for p in protocols]
+    return [f'{scheme}://{host}:{port}' for scheme, port in zip(schemes, ports)]
+
+
 def use_checked_gateway(config: dict) -> None:
     """Serve through clip-search's gateway (clip_search/gateway.py) unless the YAML names a gateway of its own."""
     gateway = _section(config, 'gateway')
-    protocol = str((config.get('with') or {}).get('protocol', 'grpc')).lower()
-    if gateway.get('uses') or protocol not in GATEWAY_CLASSES:
+    protocol = (config.get('with') or {}).get('protocol', 'grpc')
+    protocols = [str(p).lower() for p in protocol] if isinstance(protocol, list) else [str(protocol).lower()]
+    if gateway.get('uses') or not all(p in GATEWAY_CLASSES for p in protocols):
         return
     indexer, encoder = find_executor(config, INDEXER_CLASS), find_executor(config, ENCODER_CLASS)
-    gateway['uses'] = GATEWAY_CLASSES[protocol]
+    gateway['uses'] = GATEWAY_CLASSES[protocols[0]] if len(protocols) == 1 else COMPOSITE_GATEWAY_CLASS
     gateway['py_modules'] = [*(gateway.get('py_modules') or []), GATEWAY_MODULE]
     gateway_with = _section(gateway, 'uses_with')
     gateway_with['indexer'] = indexer.setdefault('name', 'indexer')
