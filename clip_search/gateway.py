@@ -19,6 +19,7 @@ subclass per protocol wraps the request handler every protocol shares (``Request
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Callable
 
 from docarray import Document, DocumentArray
@@ -137,20 +138,32 @@ def _sender(connection_pool, node) -> Callable:
             raise result
         return result
 
+    send.deployment = node.name
     return send
 
 
-async def _direct_search(request: DataRequest, encode: Callable, search: Callable) -> DataRequest:
-    """The encoder (unless every query has its embedding), then the indexer; an error answer stops there."""
-    route = jina_pb2.RouteProto(executor='gateway')
-    route.start_time.GetCurrentTime()
-    response, metadata = request, {}
-    if not queries_carry_embeddings(request):
-        response, metadata = await encode(response)
-    if 'is-error' not in metadata:
-        response, metadata = await search(response)
-    route.end_time.GetCurrentTime()
-    response.routes.insert(0, route)
+async def _direct_search(request: DataRequest, encoder: Callable, indexer: Callable) -> DataRequest:
+    """The encoder (unless every query has its embedding), then the indexer; an error answer stops there.
+
+    The answer's routes are made as Jina's graph makes them: the gateway's, then one per deployment
+    with the times it took (the executors' own entries are dropped, as Jina drops them).
+    """
+    gateway = jina_pb2.RouteProto(executor='gateway')
+    gateway.start_time.GetCurrentTime()
+    response, metadata, visited = request, {}, []
+    for send in (indexer,) if queries_carry_embeddings(request) else (encoder, indexer):
+        started = datetime.utcnow()
+        response, metadata = await send(response)
+        visited.append((send.deployment, started, datetime.utcnow()))
+        if 'is-error' in metadata:
+            break
+    del response.routes[:]
+    gateway.end_time.GetCurrentTime()
+    response.routes.append(gateway)
+    for deployment, started, ended in visited:
+        route = response.routes.add(executor=deployment)
+        route.start_time.FromDatetime(started)
+        route.end_time.FromDatetime(ended)
     return response
 
 
