@@ -12,8 +12,8 @@ import pytest
 from docarray import Document, DocumentArray
 
 from clip_search import RequestError
-from clip_search.flowconfig import FlowConfigError, set_index_dimension
-from helpers.service import flow_compressed, start_service
+from clip_search.flowconfig import FlowConfigError, find_executor, load_flow_config, set_index_dimension
+from helpers.service import FLOW_FILE, flow_compressed, start_service
 
 DIM, PQ, TRAIN = 64, 16, 256  # the tiny model's 64-d embeddings in 16 sub-vectors of 4
 
@@ -158,6 +158,11 @@ def test_settings_that_product_quantization_cannot_use_are_refused_by_name(tmp_p
         open_shard(tmp_path / 'twelve', n_subvectors=12)
     with pytest.raises(FlowConfigError, match=re.escape("the indexer's n_subvectors=12 (--pq) must divide the 64-d embeddings of model 'tiny'")):
         set_index_dimension({'executors': [{'uses': 'CLIPEncoder'}, {'uses': 'AnnLiteIndexer', 'uses_with': {'n_subvectors': 12}}]}, 64, 'tiny')
+
+    config = load_flow_config(FLOW_FILE, pq=16)  # --pq 16
+    assert find_executor(config, 'AnnLiteIndexer')['uses_with']['n_subvectors'] == 16
+    with pytest.raises(FlowConfigError, match=re.escape('--pq must be at least 1 (bytes a document), not 0')):
+        load_flow_config(FLOW_FILE, pq=0)
 
     float_shard = open_shard(tmp_path / 'float')
     float_shard.index(DocumentArray([Document(id='f', embedding=CORPUS[0])]))
