@@ -65,6 +65,7 @@ def main() -> None:
         codec = train_codec(vectors, args.subvectors)
 
     result['train_faiss_cpu_s'] = cpu(train)
+    print(result, flush=True)
 
     float_graph = graph(vectors.shape[1])
     result['float_build_cpu_s'] = cpu(lambda: [float_graph.add_with_ids(x, ids) for x, ids in batches])
@@ -77,6 +78,7 @@ def main() -> None:
     del annlite_graph
 
     ours = graph(vectors.shape[1], codec)
+    ours._expand_capacity(args.docs)  # annlite's add_with_ids grows it; the bare insert below does not
     prepared = []
     result['ours_codes_and_tables_cpu_s'] = cpu(lambda: prepared.extend(codes_and_tables(codec, x) for x, _ in batches))
 
