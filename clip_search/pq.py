@@ -7,12 +7,13 @@ on the graph holds ``n_subvectors`` bytes a document, returns ``limit x rerank_f
 and their float vectors, read from ``clip_search.vector_file``, re-score them exactly: every
 distance a client sees is the exact cosine distance.
 
-What is done here rather than by annlite, and why (profile in bench/results/scale-pq):
+What is done here rather than by annlite, and why (measured by bench/pq_build.py, figures in
+bench/results/pq and the README):
 
-* the codec is trained with faiss's k-means (3 s for 20k 512-d vectors on one core; annlite's
-  scikit-learn k-means with ``n_init=4`` takes 185 s) and kept as annlite's ``PQCodec``;
-* codes and distance tables for inserts come from one batched matrix product (annlite's Cython
-  table takes 0.37 ms a vector and scipy's ``vq`` 0.09 ms: more than the float graph's whole insert);
+* the codec is trained with faiss's k-means and kept as annlite's ``PQCodec``: annlite's own
+  (scikit-learn, ``n_init=4``) is far too slow for a training inside a write;
+* codes and distance tables for inserts come from one batched matrix product: annlite's Cython
+  tables and scipy's ``vq`` encoding cost more than the whole insert into the graph;
 * a graph over PQ codes is loaded codec first, then graph: annlite's ``HnswIndex.load`` loads the
   graph and then ``loadPQ``, which replaces it with an empty one.
 """

@@ -172,3 +172,40 @@ def test_settings_that_product_quantization_cannot_use_are_refused_by_name(tmp_p
     float_shard = open_shard(tmp_path / 'float')
     assert float_shard.wait_loaded(60) and float_shard.status()[0].tags['documents'] == 1  # nothing lost
     float_shard.close()
+
+
+def test_the_codec_is_annlites_and_its_codes_and_tables_match_annlites_own(tmp_path):
+    from annlite.core.codec.pq import PQCodec
+
+    from clip_search.pq import codes_and_tables, train_codec
+
+    codec = train_codec(CORPUS[:TRAIN], PQ)
+    codec.dump(tmp_path / 'pq_codec.params')
+    loaded = PQCodec.load(tmp_path / 'pq_codec.params')  # annlite loads what the shard snapshots
+    codes, tables = codes_and_tables(loaded, CORPUS[:100])
+    assert np.array_equal(codes, loaded.encode(CORPUS[:100]))
+    assert np.allclose(tables, loaded.get_dist_mat(CORPUS[:100]), atol=1e-5)
+
+
+def test_annlites_own_load_of_a_pq_graph_empties_it_so_the_shard_loads_the_codec_first(tmp_path):
+    """When this fails, annlite's ``HnswIndex.load`` keeps the graph: ``clip_search.pq.load_graph`` may go."""
+    from annlite.core.index.hnsw import HnswIndex
+
+    from clip_search.pq import load_graph, train_codec
+
+    codec = train_codec(CORPUS[:TRAIN], PQ)
+    built = HnswIndex(DIM, pq_codec=codec)
+    built.add_with_ids(CORPUS[:300], list(range(300)))
+    built.dump(tmp_path / 'hnsw.bin')
+    annlites = HnswIndex(DIM, pq_codec=codec)
+    annlites.load(tmp_path / 'hnsw.bin')
+    assert annlites.size == 0
+    ours = HnswIndex(DIM)
+    load_graph(ours, tmp_path / 'hnsw.bin', _dumped(codec, tmp_path))
+    assert ours.size == 300
+    assert ours.search(CORPUS[5], limit=1)[1][0] == 5
+
+
+def _dumped(codec, folder):
+    codec.dump(folder / 'pq_codec.params')
+    return folder / 'pq_codec.params'
