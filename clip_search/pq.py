@@ -21,6 +21,7 @@ bench/results/pq and the README):
 from __future__ import annotations
 
 import threading
+import time
 from typing import Optional
 
 import numpy as np
@@ -115,6 +116,7 @@ class Compression:
         """Once the float graph holds ``pq_train_size`` documents: train and move them into a PQ graph."""
         if self.trained(index) or index.total_docs < self.train_size:
             return None
+        started = time.monotonic()
         table = index.cell_table(0)
         offsets = np.array([row[0] for row in table._conn.execute(f'SELECT _id - 1 FROM {table.name} ORDER BY _id')], dtype=np.int64)
         if len(offsets) < self.train_size:
@@ -124,7 +126,10 @@ class Compression:
         self.install(index, codec)
         for start in range(0, len(offsets), INSERT_CHUNK):
             self._add_codes(index.vec_index(0), unit[start : start + INSERT_CHUNK], offsets[start : start + INSERT_CHUNK])
-        return f'trained the PQ codec ({self.n_subvectors} sub-vectors) on {self.train_size} documents and moved {len(offsets)} into the PQ graph'
+        return (
+            f'trained the PQ codec ({self.n_subvectors} sub-vectors) on {self.train_size} documents and moved '
+            f'{len(offsets)} into the PQ graph in {time.monotonic() - started:.1f} s'
+        )
 
     def train_from_store(self, index) -> None:
         """Before a rebuild from the document store: a new codec from its first documents, if it has enough."""
