@@ -133,10 +133,8 @@ class Compression:
 
     def train_from_store(self, index) -> None:
         """Before a rebuild from the document store: a new codec from its first documents, if it has enough."""
-        graph = index.vec_index(0)
         if index.total_docs < self.train_size:
-            graph.pq_codec = None
-            graph.reset()
+            self.install(index, None)  # a float graph: the store's documents are still the training set to be
             return
         sample = []
         for docs in index.documents_generator(0, batch_size=min(self.train_size, 10240)):
@@ -147,7 +145,7 @@ class Compression:
 
     @staticmethod
     def install(index, codec) -> None:
-        """An empty graph over ``codec``'s codes, in place of whatever the shard's graph held."""
+        """An empty graph over ``codec``'s codes (None: over floats), in place of whatever the shard's graph held."""
         from clip_search.shard_store import single_threaded
 
         graph = index.vec_index(0)
