@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--shards', type=int, help='number of indexer shards (a workspace keeps the count it was built with)')
     parser.add_argument('--workspace', help='directory where the index is stored (the YAML says ./workspace)')
     parser.add_argument(
+        '--pq', type=int, metavar='N',
+        help='compress the index with product quantization, N bytes a document (N must divide the embedding size, '
+        'e.g. 64 for 512-d): about 4x less memory, exact distances from float vectors kept on disk; '
+        'a workspace keeps the setting it was built with',
+    )  # fmt: skip
+    parser.add_argument(
         '--web-port', type=int, help='also serve a search page and a JSON API (/api/search) over HTTP on this port'
     )
     parser.add_argument('--web-host', help='address the web page binds to (default: the same as --host)')
@@ -366,6 +372,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             dtype=args.dtype,
             shards=args.shards,
             workspace=args.workspace,
+            pq=args.pq,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             protocol=args.protocol,

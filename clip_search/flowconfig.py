@@ -80,6 +80,7 @@ def load_flow_config(
     allow_paths: Sequence[str] = (),
     allow_hosts: Sequence[str] = (),
     dtype: Optional[str] = None,
+    pq: Optional[int] = None,
 ) -> dict:
     """Read the Flow YAML and apply the command-line overrides (``allow_*`` add to the YAML's lists)."""
     flow_file = resolve_flow_file(flow_file)
@@ -119,6 +120,10 @@ def load_flow_config(
         indexer['shards'] = shards
     if workspace is not None:
         indexer['workspace'] = workspace
+    if pq is not None:
+        if pq < 1:
+            raise FlowConfigError(f'--pq must be at least 1 (bytes a document), not {pq}')
+        _section(indexer, 'uses_with')['n_subvectors'] = pq
     set_placement(indexer, flow_file)
     use_checked_gateway(config)
     return config
@@ -273,6 +278,12 @@ def set_index_dimension(config: dict, embed_dim: int, model_name: str) -> None:
         raise FlowConfigError(
             f'the Flow sets the indexer n_dim={declared}, but model {model_name!r} makes '
             f'{embed_dim}-d embeddings: remove n_dim from the YAML (it follows the model)'
+        )
+    n_subvectors = indexer_with.get('n_subvectors')
+    if n_subvectors is not None and (not isinstance(n_subvectors, int) or n_subvectors < 1 or embed_dim % n_subvectors):
+        raise FlowConfigError(
+            f'the indexer\'s n_subvectors={n_subvectors!r} (--pq) must divide the {embed_dim}-d embeddings '
+            f'of model {model_name!r} (product quantization cuts each vector into equal sub-vectors)'
         )
     indexer_with['n_dim'] = embed_dim
 
