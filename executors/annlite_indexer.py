@@ -21,7 +21,14 @@ from docarray import Document, DocumentArray
 from jina import Executor, requests
 
 from clip_search import allocator, shard_store  # annlite itself is imported late, inside shard_store
-from clip_search.params import DEFAULT_LIMIT, validate_max_distance, validate_search_parameters, within_distance
+from clip_search.exact_search import exact_search
+from clip_search.params import (
+    DEFAULT_LIMIT,
+    check_match_budget,
+    validate_max_distance,
+    validate_search_parameters,
+    within_distance,
+)
 from clip_search.sharding import (
     ALL,
     ANY,
@@ -53,6 +60,7 @@ class AnnLiteIndexer(Executor):
         max_connection: int = 16,
         index_polling: str = DEFAULT_INDEX_POLLING,
         snapshot_every: int = 20000,
+        max_matches: int = 100_000,
         *args,
         **kwargs,
     ):
@@ -70,6 +78,8 @@ class AnnLiteIndexer(Executor):
         :param snapshot_every: snapshot the graph after this many written ids (or 5% of the shard,
             whichever is more), bounding what a restart after a crash replays; a graceful stop
             always snapshots
+        :param max_matches: the most matches one search may ask this shard for (queries x limit);
+            a request above it is refused, naming the cap: one request cannot take the shard's memory
         """
         super().__init__(*args, **kwargs)
         allocator.return_large_blocks_to_os()  # this process is the shard's: its freed request buffers leave
@@ -82,6 +92,7 @@ class AnnLiteIndexer(Executor):
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
         self.default_limit = limit
         self.snapshot_every = snapshot_every
+        self.max_matches = max_matches
         self.columns = [tuple(column) for column in (columns or [])]
         self.index_polling = check_index_polling(index_polling)
         self.settings = {
@@ -281,6 +292,7 @@ class AnnLiteIndexer(Executor):
             parameters, self.default_limit, [name for name, _ in self.columns]
         )
         max_distance = validate_max_distance(parameters.get('max_distance'))
+        check_match_budget(len(docs), limit, self.max_matches)
         self._check_embeddings(docs)
         if self._index.total_docs == 0:
             for doc in docs:
@@ -459,22 +471,9 @@ def _finish_matches(docs: DocumentArray) -> None:
 
 
 def exact_filtered_search(index, docs: DocumentArray, search_filter: Optional[dict], limit: int) -> None:
-    """Top-``limit`` matches by cosine distance among every document that passes the filter (brute force)."""
-    candidates = index.filter(filter=search_filter or {}, limit=max(index.total_docs, 1))
-    if not len(candidates):
-        for doc in docs:
-            doc.matches = DocumentArray()
-        return
-    vectors = np.asarray(candidates.embeddings, dtype=np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    for doc in docs:
-        query = np.asarray(doc.embedding, dtype=np.float32)
-        distances = 1.0 - vectors @ (query / max(float(np.linalg.norm(query)), 1e-12))
-        order = np.argsort(distances, kind='stable')[:limit]
-        matches = DocumentArray(Document(candidates[int(i)], copy=True) for i in order)
-        for match, i in zip(matches, order):
-            match.scores['cosine'].value = float(distances[int(i)])
-        doc.matches = matches
+    """Top-``limit`` matches by cosine distance among every document that passes the filter (brute
+    force, a chunk of candidates at a time: ``clip_search.exact_search``)."""
+    exact_search(index, docs, search_filter, limit)
 
 
 def _check_or_write_settings(data_path: Path, settings: dict) -> None:
