@@ -43,7 +43,8 @@ from clip_search.sharding import (
 )
 
 SETTINGS_FILE = 'clip_search_index.json'
-REPLACE_JOURNAL = 'clip_search_replace.journal'  # the old versions of a replace in progress
+# the old versions of a replace in progress, one file per request (clip_search_replace-<time_ns>.journal)
+REPLACE_JOURNAL = 'clip_search_replace-*.journal'
 
 
 class AnnLiteIndexer(Executor):
@@ -122,6 +123,7 @@ class AnnLiteIndexer(Executor):
         self._load_error: Optional[str] = None
         self.loaded_how: Optional[str] = None  # the start's path: snapshot + replay, or rebuild and why
         self._journal = None
+        self._unfinished_replaces = True  # replace journals may be left by a crash: look before the first write
         if self._index.total_docs == 0:
             self._start_empty()
         else:
@@ -233,11 +235,20 @@ class AnnLiteIndexer(Executor):
             self.logger.error(f'shard {self.shard_id}/{self.shards}: loading failed: {self._load_error}')
 
     def _restore_after_crash(self) -> None:
-        """Put back the old versions of a replace that a crash cut short, journalled like any write."""
-        replace_journal = self._data_path / REPLACE_JOURNAL
-        if replace_journal.exists():
-            old = DocumentArray.from_bytes(replace_journal.read_bytes())
-            self._write('put', old[:, 'id'], lambda: _restore_interrupted_replace(self._index, self._data_path, old, self.logger))
+        """Put back the old versions of the replaces that a crash cut short, journalled like any write."""
+        with self._write_lock:
+            self._restore_unfinished_replaces()
+
+    def _restore_unfinished_replaces(self) -> None:
+        """Under the write lock, before any later write: restore each replace journal left, oldest first
+        (a crash, or a restore that itself failed inside its request), so none outlives a later write."""
+        if not self._unfinished_replaces:
+            return
+        for path in sorted(self._data_path.glob(REPLACE_JOURNAL)):
+            old = DocumentArray.from_bytes(path.read_bytes())
+            self._journal.record('put', old[:, 'id'])
+            _restore_interrupted_replace(self._index, path, old, self.logger)
+        self._unfinished_replaces = False
 
     def _snapshot(self) -> None:
         """Start a new journal generation, dump the graph and tables, drop what the snapshot holds."""
@@ -250,6 +261,7 @@ class AnnLiteIndexer(Executor):
     def _write(self, op: str, ids: list, apply: Callable[[], None]) -> None:
         """Journal the ids, apply the write, snapshot when the journal has grown past the checkpoint."""
         with self._write_lock:
+            self._restore_unfinished_replaces()
             self._journal.record(op, list(ids))
             apply()
             if self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
@@ -371,14 +383,17 @@ class AnnLiteIndexer(Executor):
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
             return
         old = self._index.doc_store(0).get(existing)
-        shard_store.write_atomically(self._data_path / REPLACE_JOURNAL, old.to_bytes())
+        journal = self._data_path / REPLACE_JOURNAL.replace('*', f'{time.time_ns():020d}')  # unique, in time order
+        shard_store.write_atomically(journal, old.to_bytes())
         try:
             self._index.delete(existing)
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
         except Exception:
-            _restore_interrupted_replace(self._index, self._data_path, old, self.logger)  # the old versions, at once
+            self._unfinished_replaces = True  # should the restore fail too, the next write retries it first
+            _restore_interrupted_replace(self._index, journal, old, self.logger)  # the old versions, at once
+            self._unfinished_replaces = False
             raise
-        shard_store.remove_durably(self._data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
+        shard_store.remove_durably(journal)  # before the answer: an acknowledged replace stays
 
     def _check_embeddings(self, docs: DocumentArray) -> None:
         n_dim = self.settings['n_dim']
@@ -504,7 +519,7 @@ def _check_placement(data_path: Path, stored: str, wanted: str) -> None:
         )
 
 
-def _restore_interrupted_replace(index, data_path: Path, old: DocumentArray, logger) -> None:
+def _restore_interrupted_replace(index, journal: Path, old: DocumentArray, logger) -> None:
     """Put back ``old``, the versions a replace journalled before it was cut short, and drop the journal.
 
     The replace was never acknowledged, so the acknowledged state is the one before it.
@@ -513,5 +528,5 @@ def _restore_interrupted_replace(index, data_path: Path, old: DocumentArray, log
     if present:
         index.delete(present)
     index.index(old)
-    shard_store.remove_durably(data_path / REPLACE_JOURNAL)
+    shard_store.remove_durably(journal)
     logger.warning(f'restored {len(old)} documents of a replace interrupted by a crash: {old[:, "id"][:10]}')
