@@ -29,6 +29,7 @@ from clip_search.flowconfig import (
     prepare_flow_config,
 )
 from clip_search.models import DTYPES, ModelUnavailableError
+from clip_search.watchdog import POLL_SECONDS, dead_executors, release_dead_pods
 from clip_search.web.server import WebServerError, bind_web_socket
 
 
@@ -119,14 +120,15 @@ def serve(
             # Jina starts every executor as a multiprocessing child of this process, named after it
             executors = {child.pid: child.name for child in multiprocessing.active_children()}
             print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
-            while not stop_event.wait(1.0):
-                dead = _dead_executors(executors) if exit_on_failure else []
+            while not stop_event.wait(POLL_SECONDS):
+                dead = dead_executors(executors) if exit_on_failure else []
                 if dead:
                     print(
                         f'clip-search: {", ".join(dead)} exited unexpectedly; stopping the service so that '
                         f'a restart brings every shard back with its data',
                         file=sys.stderr, flush=True,
                     )  # fmt: skip
+                    release_dead_pods(flow)  # the Flow's close then waits for the live executors only
                     exit_code = 1
                     break
     print('clip-search stopped; the index is saved in its workspace', flush=True)
@@ -235,11 +237,6 @@ def _web_page(web_socket: Optional[socket.socket], config: dict, scheme: str, ga
     gateway_host = '127.0.0.1' if host in (None, '', '0.0.0.0', '::') else host
     url = f'{scheme}://{gateway_host}:{gateway_port}'
     return serve_web_page(web_socket, url, model=model_name_of(config), media=media_policy_of(config))
-
-
-def _dead_executors(executors: dict[int, str]) -> list[str]:
-    alive = {child.pid for child in multiprocessing.active_children()}
-    return sorted(name for pid, name in executors.items() if pid not in alive)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
