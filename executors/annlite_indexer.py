@@ -124,6 +124,9 @@ class AnnLiteIndexer(Executor):
         self.loaded_how: Optional[str] = None  # the start's path: snapshot + replay, or rebuild and why
         self._journal = None
         self._unfinished_replaces = True  # replace journals may be left by a crash: look before the first write
+        self._snapshotting = threading.Event()  # a background snapshot is running
+        self._snapshot_failed = False  # the last snapshot failed: the next write starts another
+        self._closed = False
         if self._index.total_docs == 0:
             self._start_empty()
         else:
@@ -168,8 +171,9 @@ class AnnLiteIndexer(Executor):
     def close(self) -> None:
         """A graceful stop: snapshot what changed, so the next start loads instead of replaying."""
         with self._write_lock:
+            self._closed = True  # a background snapshot still waiting for the lock has nothing to do
             if self._loaded.is_set():
-                if self._journal.changes:
+                if self._journal.changes or self._snapshot_failed:
                     self._snapshot()
                 self._journal.close()
                 self._index.close()  # while loading, the loader thread still uses it: the process exit closes it
@@ -259,13 +263,32 @@ class AnnLiteIndexer(Executor):
         self.logger.debug(f'shard {self.shard_id}: snapshot-{self._journal.generation} in {time.monotonic() - started:.1f} s')
 
     def _write(self, op: str, ids: list, apply: Callable[[], None]) -> None:
-        """Journal the ids, apply the write, snapshot when the journal has grown past the checkpoint."""
+        """Journal the ids, apply the write; past the checkpoint, start a snapshot in the background."""
         with self._write_lock:
             self._restore_unfinished_replaces()
             self._journal.record(op, list(ids))
             apply()
-            if self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
-                self._snapshot()
+            due = self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20)
+            if (due or self._snapshot_failed) and not self._snapshotting.is_set():
+                self._snapshotting.set()
+                threading.Thread(target=self._snapshot_in_background, name=f'shard-{self.shard_id}-snapshot', daemon=True).start()
+
+    def _snapshot_in_background(self) -> None:
+        """Snapshot from a consistent point, off the request: the write lock holds writes back meanwhile,
+        searches go on reading the graph. A failure is logged in one line and retried after the next
+        write; the writes stay durable in the journal and the store, so none is failed for it."""
+        try:
+            with self._write_lock:
+                if self._closed or not (self._journal.changes or self._snapshot_failed):
+                    return
+                try:
+                    self._snapshot()
+                    self._snapshot_failed = False
+                except Exception as exc:  # noqa: BLE001 - a full disk, say: the journal still has every write
+                    self._snapshot_failed = True
+                    self.logger.error(f'shard {self.shard_id}: snapshot failed, retried after the next write: {exc!r}')
+        finally:
+            self._snapshotting.clear()
 
     def _index_docs(self, docs: DocumentArray) -> DocumentArray:
         mine = self._owned(docs) if self.index_polling == ALL else self._all_checked(docs)

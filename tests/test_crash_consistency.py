@@ -44,12 +44,14 @@ def stored_texts(shard: AnnLiteIndexer) -> dict[str, str]:
 # one /index that replaces a3 (indexed, acknowledged) and adds 'new', cut short at each step
 WRITE = "shard.index(DocumentArray([doc('a3', 'never acknowledged', 99), doc('new', 'never acknowledged', 98)]))"
 CHILD = '''
-import sys
+import sys, time
 from docarray import DocumentArray
 sys.path.insert(0, {tests!r})
 from test_crash_consistency import open_shard, doc
 shard = open_shard({workspace!r}, snapshot_every={snapshot_every})
 {write}
+while shard._snapshotting.is_set():  # a snapshot runs in the background: let it reach its step
+    time.sleep(0.01)
 '''
 
 
