@@ -383,7 +383,9 @@ class AnnLiteIndexer(Executor):
         return id_of
 
     def _status(self) -> DocumentArray:
-        return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings)])
+        graph_nodes = self._index.vec_index(0)._index.element_count  # hnswlib counts deleted nodes too
+        unreclaimed = graph_nodes - shard_store.indexed_count(self._index)
+        return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings, unreclaimed)])
 
     def _owned(self, docs: DocumentArray) -> DocumentArray:
         """Check every document (so all shards refuse a bad batch alike), keep the ones this shard owns."""
