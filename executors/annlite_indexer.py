@@ -60,7 +60,7 @@ class AnnLiteIndexer(Executor):
         ef_search: int = 400,
         max_connection: int = 16,
         index_polling: str = DEFAULT_INDEX_POLLING,
-        snapshot_every: int = 20000,
+        snapshot_every: int = 2000,
         max_matches: int = 100_000,
         *args,
         **kwargs,
@@ -77,8 +77,9 @@ class AnnLiteIndexer(Executor):
             that receives a document stores it (re-indexing an id adds a copy); ``ALL``, the shard its id
             hashes to (re-indexing replaces). ``python -m clip_search`` sets it from the YAML's polling
         :param snapshot_every: snapshot the graph after this many written ids (or 5% of the shard,
-            whichever is more), bounding what a restart after a crash replays; a graceful stop
-            always snapshots
+            whichever is more), bounding what a restart after a crash replays (about 500 ids/s on
+            a busy 2-core machine: 20,000 kept a killed shard of 10k documents away for 23 s); the
+            snapshot runs in the background; a graceful stop always snapshots
         :param max_matches: the most matches one search may ask this shard for (queries x limit);
             a request above it is refused, naming the cap: one request cannot take the shard's memory
         """
