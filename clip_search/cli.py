@@ -41,6 +41,7 @@ from clip_search.flowconfig import (
     prepare_flow_config,
 )
 from clip_search.models import DTYPES, ModelUnavailableError
+from clip_search.watchdog import POLL_SECONDS, dead_executors, release_dead_pods
 from clip_search.web.server import WebServerError, bind_web_socket
 
 
@@ -166,14 +167,15 @@ def serve(
                     f'delete; start with --api-key KEY (or CLIP_SEARCH_API_KEYS) to require one',
                     flush=True,
                 )  # fmt: skip
-            while not stop_event.wait(1.0):
-                dead = _dead_executors(executors) if exit_on_failure else []
+            while not stop_event.wait(POLL_SECONDS):
+                dead = dead_executors(executors) if exit_on_failure else []
                 if dead:
                     print(
                         f'clip-search: {", ".join(dead)} exited unexpectedly; stopping the service so that '
                         f'a restart brings every shard back with its data',
                         file=sys.stderr, flush=True,
                     )  # fmt: skip
+                    release_dead_pods(flow)  # the Flow's close then waits for the live executors only
                     exit_code = 1
                     break
     print('clip-search stopped; the index is saved in its workspace', flush=True)
@@ -335,11 +337,6 @@ def settle_api_keys(args: argparse.Namespace) -> KeyRing:
         else:
             os.environ.pop(name, None)
     return KeyRing.create(full, read_only)
-
-
-def _dead_executors(executors: dict[int, str]) -> list[str]:
-    alive = {child.pid for child in multiprocessing.active_children()}
-    return sorted(name for pid, name in executors.items() if pid not in alive)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

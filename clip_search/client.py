@@ -188,7 +188,10 @@ class Client:
         tags = answer[0].tags
         return {
             'documents': int(tags['documents']),
-            'shards': [{'shard': int(s['shard']), 'documents': int(s['documents'])} for s in tags['shards']],
+            'shards': [
+                {'shard': int(s['shard']), 'documents': int(s['documents']), 'unreclaimed_slots': int(s.get('unreclaimed_slots', 0))}
+                for s in tags['shards']
+            ],
             'index': {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in tags['index'].items()},
         }
 

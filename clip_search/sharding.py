@@ -17,13 +17,16 @@ def owner_shard(doc_id: str, shards: int) -> int:
     return int.from_bytes(digest, 'big') % shards
 
 
-def shard_status(shard_id: int, documents: int, settings: dict) -> Document:
-    """One shard's status, in the same shape as the merged status of many shards."""
+def shard_status(shard_id: int, documents: int, settings: dict, unreclaimed_slots: int = 0) -> Document:
+    """One shard's status, in the same shape as the merged status of many shards.
+
+    ``unreclaimed_slots``: graph nodes of deleted or replaced documents that still take memory.
+    """
     return Document(
         id=STATUS_ID,
         tags={
             'documents': documents,
-            'shards': [{'shard': shard_id, 'documents': documents}],
+            'shards': [{'shard': shard_id, 'documents': documents, 'unreclaimed_slots': unreclaimed_slots}],
             'index': settings,
         },
     )

@@ -22,7 +22,15 @@ from docarray import Document, DocumentArray
 from jina import Executor, requests
 
 from clip_search import allocator, shard_store  # annlite itself is imported late, inside shard_store
-from clip_search.params import DEFAULT_LIMIT, MAX_LIMIT, validate_max_distance, validate_search_parameters, within_distance
+from clip_search.exact_search import exact_search
+from clip_search.params import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    check_match_budget,
+    validate_max_distance,
+    validate_search_parameters,
+    within_distance,
+)
 from clip_search.pq import Compression, check_settings as check_compression
 from clip_search.sharding import (
     ALL,
@@ -39,7 +47,8 @@ from clip_search.sharding import (
 )
 
 SETTINGS_FILE = 'clip_search_index.json'
-REPLACE_JOURNAL = 'clip_search_replace.journal'  # the old versions of a replace in progress
+# the old versions of a replace in progress, one file per request (clip_search_replace-<time_ns>.journal)
+REPLACE_JOURNAL = 'clip_search_replace-*.journal'
 INLINE_SEARCH_MATCHES = 1000  # a search asking for more matches (queries x limit) runs in a thread
 
 
@@ -56,7 +65,8 @@ class AnnLiteIndexer(Executor):
         ef_search: int = 400,
         max_connection: int = 16,
         index_polling: str = DEFAULT_INDEX_POLLING,
-        snapshot_every: int = 20000,
+        snapshot_every: int = 2000,
+        max_matches: int = 100_000,
         n_subvectors: Optional[int] = None,
         pq_train_size: int = 20000,
         rerank_factor: int = 10,
@@ -76,8 +86,10 @@ class AnnLiteIndexer(Executor):
             that receives a document stores it (re-indexing an id adds a copy); ``ALL``, the shard its id
             hashes to (re-indexing replaces). ``python -m clip_search`` sets it from the YAML's polling
         :param snapshot_every: snapshot the graph after this many written ids (or 5% of the shard,
-            whichever is more), bounding what a restart after a crash replays; a graceful stop
-            always snapshots
+            whichever is more), bounding what a restart after a crash replays (README: Durability);
+            the snapshot runs in the background; a graceful stop always snapshots
+        :param max_matches: the most matches one search may ask this shard for (queries x limit);
+            a request above it is refused, naming the cap: one request cannot take the shard's memory
         :param n_subvectors: compress the graph with product quantization, this many bytes a document
             (must divide n_dim; ``--pq N`` on the command line); None keeps float vectors. The float
             vectors go to a file on disk that re-ranks the graph's candidates exactly (docs/design.md)
@@ -100,6 +112,7 @@ class AnnLiteIndexer(Executor):
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
         self.default_limit = limit
         self.snapshot_every = snapshot_every
+        self.max_matches = max_matches
         self.columns = [tuple(column) for column in (columns or [])]
         self.index_polling = check_index_polling(index_polling)
         self.settings = {
@@ -135,6 +148,10 @@ class AnnLiteIndexer(Executor):
         self._load_error: Optional[str] = None
         self.loaded_how: Optional[str] = None  # the start's path: snapshot + replay, or rebuild and why
         self._journal = None
+        self._unfinished_replaces = True  # replace journals may be left by a crash: look before the first write
+        self._snapshotting = threading.Event()  # a background snapshot is running
+        self._snapshot_failed = False  # the last snapshot failed: the next write starts another
+        self._closed = False
         if self._index.total_docs == 0:
             self._start_empty()
         else:
@@ -198,8 +215,9 @@ class AnnLiteIndexer(Executor):
     def close(self) -> None:
         """A graceful stop: snapshot what changed, so the next start loads instead of replaying."""
         with self._write_lock:
+            self._closed = True  # a background snapshot still waiting for the lock has nothing to do
             if self._loaded.is_set():
-                if self._journal.changes:
+                if self._journal.changes or self._snapshot_failed:
                     self._snapshot()
                 self._journal.close()
                 self._index.close()  # while loading, the loader thread still uses it: the process exit closes it
@@ -269,11 +287,20 @@ class AnnLiteIndexer(Executor):
             self.logger.error(f'shard {self.shard_id}/{self.shards}: loading failed: {self._load_error}')
 
     def _restore_after_crash(self) -> None:
-        """Put back the old versions of a replace that a crash cut short, journalled like any write."""
-        replace_journal = self._data_path / REPLACE_JOURNAL
-        if replace_journal.exists():
-            old = DocumentArray.from_bytes(replace_journal.read_bytes())
-            self._write('put', old[:, 'id'], lambda: _restore_interrupted_replace(self._index, self._data_path, old, self.logger))
+        """Put back the old versions of the replaces that a crash cut short, journalled like any write."""
+        with self._write_lock:
+            self._restore_unfinished_replaces()
+
+    def _restore_unfinished_replaces(self) -> None:
+        """Under the write lock, before any later write: restore each replace journal left, oldest first
+        (a crash, or a restore that itself failed inside its request), so none outlives a later write."""
+        if not self._unfinished_replaces:
+            return
+        for path in sorted(self._data_path.glob(REPLACE_JOURNAL)):
+            old = DocumentArray.from_bytes(path.read_bytes())
+            self._journal.record('put', old[:, 'id'])
+            _restore_interrupted_replace(self._index, path, old, self.logger)
+        self._unfinished_replaces = False
 
     def _snapshot(self) -> None:
         """Start a new journal generation, dump the graph and tables, drop what the snapshot holds."""
@@ -284,12 +311,32 @@ class AnnLiteIndexer(Executor):
         self.logger.debug(f'shard {self.shard_id}: snapshot-{self._journal.generation} in {time.monotonic() - started:.1f} s')
 
     def _write(self, op: str, ids: list, apply: Callable[[], None]) -> None:
-        """Journal the ids, apply the write, snapshot when the journal has grown past the checkpoint."""
+        """Journal the ids, apply the write; past the checkpoint, start a snapshot in the background."""
         with self._write_lock:
+            self._restore_unfinished_replaces()
             self._journal.record(op, list(ids))
             apply()
-            if self._compress_when_ready() or self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
-                self._snapshot()
+            due = self._compress_when_ready() or self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20)
+            if (due or self._snapshot_failed) and not self._snapshotting.is_set():
+                self._snapshotting.set()
+                threading.Thread(target=self._snapshot_in_background, name=f'shard-{self.shard_id}-snapshot', daemon=True).start()
+
+    def _snapshot_in_background(self) -> None:
+        """Snapshot from a consistent point, off the request: the write lock holds writes back meanwhile,
+        searches go on reading the graph. A failure is logged in one line and retried after the next
+        write; the writes stay durable in the journal and the store, so none is failed for it."""
+        try:
+            with self._write_lock:
+                if self._closed or not (self._journal.changes or self._snapshot_failed):
+                    return
+                try:
+                    self._snapshot()
+                    self._snapshot_failed = False
+                except Exception as exc:  # noqa: BLE001 - a full disk, say: the journal still has every write
+                    self._snapshot_failed = True
+                    self.logger.error(f'shard {self.shard_id}: snapshot failed, retried after the next write: {exc!r}')
+        finally:
+            self._snapshotting.clear()
 
     def _compress_when_ready(self) -> bool:
         """With n_subvectors: once the shard holds ``pq_train_size`` documents, train the codec and
@@ -339,6 +386,7 @@ class AnnLiteIndexer(Executor):
             parameters, self.default_limit, [name for name, _ in self.columns]
         )
         max_distance = validate_max_distance(parameters.get('max_distance'))
+        check_match_budget(len(docs), limit, self.max_matches)
         self._check_candidates(limit)
         self._check_embeddings(docs)
         if self._index.total_docs == 0:
@@ -410,7 +458,9 @@ class AnnLiteIndexer(Executor):
         return id_of
 
     def _status(self) -> DocumentArray:
-        return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings)])
+        graph_nodes = self._index.vec_index(0)._index.element_count  # hnswlib counts deleted nodes too
+        unreclaimed = graph_nodes - shard_store.indexed_count(self._index)
+        return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings, unreclaimed)])
 
     def _owned(self, docs: DocumentArray) -> DocumentArray:
         """Check every document (so all shards refuse a bad batch alike), keep the ones this shard owns."""
@@ -433,14 +483,17 @@ class AnnLiteIndexer(Executor):
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
             return
         old = self._index.doc_store(0).get(existing)
-        shard_store.write_atomically(self._data_path / REPLACE_JOURNAL, old.to_bytes())
+        journal = self._data_path / REPLACE_JOURNAL.replace('*', f'{time.time_ns():020d}')  # unique, in time order
+        shard_store.write_atomically(journal, old.to_bytes())
         try:
             self._index.delete(existing)
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
         except Exception:
-            _restore_interrupted_replace(self._index, self._data_path, old, self.logger)  # the old versions, at once
+            self._unfinished_replaces = True  # should the restore fail too, the next write retries it first
+            _restore_interrupted_replace(self._index, journal, old, self.logger)  # the old versions, at once
+            self._unfinished_replaces = False
             raise
-        shard_store.remove_durably(self._data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
+        shard_store.remove_durably(journal)  # before the answer: an acknowledged replace stays
 
     def _check_embeddings(self, docs: DocumentArray) -> None:
         n_dim = self.settings['n_dim']
@@ -541,22 +594,9 @@ def _finish_matches(docs: DocumentArray) -> None:
 
 
 def exact_filtered_search(index, docs: DocumentArray, search_filter: Optional[dict], limit: int) -> None:
-    """Top-``limit`` matches by cosine distance among every document that passes the filter (brute force)."""
-    candidates = index.filter(filter=search_filter or {}, limit=max(index.total_docs, 1))
-    if not len(candidates):
-        for doc in docs:
-            doc.matches = DocumentArray()
-        return
-    vectors = np.asarray(candidates.embeddings, dtype=np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    for doc in docs:
-        query = np.asarray(doc.embedding, dtype=np.float32)
-        distances = 1.0 - vectors @ (query / max(float(np.linalg.norm(query)), 1e-12))
-        order = np.argsort(distances, kind='stable')[:limit]
-        matches = DocumentArray(Document(candidates[int(i)], copy=True) for i in order)
-        for match, i in zip(matches, order):
-            match.scores['cosine'].value = float(distances[int(i)])
-        doc.matches = matches
+    """Top-``limit`` matches by cosine distance among every document that passes the filter (brute
+    force, a chunk of candidates at a time: ``clip_search.exact_search``)."""
+    exact_search(index, docs, search_filter, limit)
 
 
 def _check_or_write_settings(data_path: Path, settings: dict) -> None:
@@ -587,7 +627,7 @@ def _check_placement(data_path: Path, stored: str, wanted: str) -> None:
         )
 
 
-def _restore_interrupted_replace(index, data_path: Path, old: DocumentArray, logger) -> None:
+def _restore_interrupted_replace(index, journal: Path, old: DocumentArray, logger) -> None:
     """Put back ``old``, the versions a replace journalled before it was cut short, and drop the journal.
 
     The replace was never acknowledged, so the acknowledged state is the one before it.
@@ -596,5 +636,5 @@ def _restore_interrupted_replace(index, data_path: Path, old: DocumentArray, log
     if present:
         index.delete(present)
     index.index(old)
-    shard_store.remove_durably(data_path / REPLACE_JOURNAL)
+    shard_store.remove_durably(journal)
     logger.warning(f'restored {len(old)} documents of a replace interrupted by a crash: {old[:, "id"][:10]}')

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -197,6 +198,8 @@ def test_bad_search_parameters_are_refused_by_name(service):
         client.search(['parameters'], filter={'price': {'$lt': 3}})
     with pytest.raises(RequestError, match='malformed'):
         client.search(['parameters'], filter={'color': {'$like': 'r%'}})
+    with pytest.raises(RequestError, match=re.escape('asks for 2,560,000 matches (256 queries x limit 10,000); the cap is 100,000 (max_matches)')):
+        client.search([f'query {i}' for i in range(256)], limit=10_000, batch_size=256)
     # and the service still answers afterwards
     assert client.search(['parameters'], limit=1)[0].matches[0].id == 'param-doc'
 
