@@ -1,6 +1,7 @@
 """``python -m clip_search FLOW.yml``: load a Flow YAML, apply the overrides, serve until stopped.
 
-``python -m clip_search export docker-compose|kubernetes FLOW.yml`` writes it as containers (deploy.py).
+``python -m clip_search export docker-compose|kubernetes FLOW.yml`` writes it as containers (deploy.py);
+``python -m clip_search index|search|status|delete ...`` are client commands (commands.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,11 @@ from clip_search.flowconfig import (
     prepare_flow_config,
 )
 from clip_search.models import DTYPES, ModelUnavailableError
+from clip_search.watchdog import POLL_SECONDS, dead_executors, release_dead_pods
 from clip_search.web.server import WebServerError, bind_web_socket
+
+
+CLIENT_COMMANDS = ('index', 'search', 'status', 'delete')  # clip_search/commands.py, imported when used
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--tls-key', help='PEM private key of --tls-cert')
     parser.add_argument('--shards', type=int, help='number of indexer shards (a workspace keeps the count it was built with)')
     parser.add_argument('--workspace', help='directory where the index is stored (the YAML says ./workspace)')
+    parser.add_argument(
+        '--pq', type=int, metavar='N',
+        help='compress the index with product quantization, N bytes a document (N must divide the embedding size, '
+        'e.g. 64 for 512-d): about 4x less memory, exact distances from float vectors kept on disk; '
+        'a workspace keeps the setting it was built with',
+    )  # fmt: skip
     parser.add_argument(
         '--web-port', type=int, help='also serve a search page and a JSON API (/api/search) over HTTP on this port'
     )
@@ -138,6 +149,7 @@ def serve(
     the search page is served on it while the Flow runs. Returns the exit code.
     """
     stop_event = stop_event or threading.Event()
+    use_uvloop_in_every_process()
     flow = build_flow(config)
     exit_code = 0
     with _stop_signals(stop_event) as starting:
@@ -155,18 +167,35 @@ def serve(
                     f'delete; start with --api-key KEY (or CLIP_SEARCH_API_KEYS) to require one',
                     flush=True,
                 )  # fmt: skip
-            while not stop_event.wait(1.0):
-                dead = _dead_executors(executors) if exit_on_failure else []
+            while not stop_event.wait(POLL_SECONDS):
+                dead = dead_executors(executors) if exit_on_failure else []
                 if dead:
                     print(
                         f'clip-search: {", ".join(dead)} exited unexpectedly; stopping the service so that '
                         f'a restart brings every shard back with its data',
                         file=sys.stderr, flush=True,
                     )  # fmt: skip
+                    release_dead_pods(flow)  # the Flow's close then waits for the live executors only
                     exit_code = 1
                     break
     print('clip-search stopped; the index is saved in its workspace', flush=True)
     return exit_code
+
+
+def use_uvloop_in_every_process() -> None:
+    """Run the event loops of the gateway and every executor on uvloop rather than asyncio's own.
+
+    Jina means to (``jina.helper._update_policy``), but sets the policy only where it asks for a
+    loop itself, never in the runtimes it forks from this process, which make theirs with
+    ``asyncio.new_event_loop()``: every process of the Flow ran asyncio's pure-Python loop, and its
+    selector and callbacks were a large share of the CPU a search costs (bench/throughput.py).
+    Set here, before the Flow forks them, the policy reaches all of them.
+    """
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @contextlib.contextmanager
@@ -310,11 +339,6 @@ def settle_api_keys(args: argparse.Namespace) -> KeyRing:
     return KeyRing.create(full, read_only)
 
 
-def _dead_executors(executors: dict[int, str]) -> list[str]:
-    alive = {child.pid for child in multiprocessing.active_children()}
-    return sorted(name for pid, name in executors.items() if pid not in alive)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _main(argv)
@@ -330,6 +354,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         from clip_search.deploy import export_main
 
         return export_main(argv[1:])
+    if argv[:1] and argv[0] in CLIENT_COMMANDS:  # `python -m clip_search index ...`: commands.py
+        from clip_search.commands import command_main
+
+        return command_main(argv)
     _internal_ports_outside_ephemeral_range()
     args = build_parser().parse_args(argv)
     try:
@@ -341,6 +369,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             dtype=args.dtype,
             shards=args.shards,
             workspace=args.workspace,
+            pq=args.pq,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             protocol=args.protocol,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import mimetypes
 import os
 import sys
@@ -17,18 +18,33 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Coroutine, Iterable, Iterator, Optional, TypeVar, Union
+from collections import deque
+from typing import Any, Awaitable, Callable, Coroutine, Iterable, Iterator, Optional, ParamSpec, TypeVar, Union
 
 import numpy as np
 from docarray import Document, DocumentArray
 
 from clip_search.params import DEFAULT_LIMIT
+from clip_search.progress import JobProgress
+from clip_search.sharding import LOOKUP
 
 Input = Union[str, Document]
 Inputs = Union[Input, DocumentArray, Iterable[Input]]
 DEFAULT_BATCH_SIZE = 64
 PROTOCOLS = ('grpc', 'grpcs', 'http', 'https', 'ws', 'wss', 'websocket')
 T = TypeVar('T')
+P = ParamSpec('P')
+
+
+def _synchronous(coroutine_function: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
+    """The blocking twin of a ``Client`` coroutine (``aindex`` -> ``index``), with its docstring and signature."""
+
+    @functools.wraps(coroutine_function)
+    def method(*args: P.args, **kwargs: P.kwargs) -> T:
+        return _run(coroutine_function(*args, **kwargs))
+
+    method.__name__ = method.__qualname__ = coroutine_function.__name__[1:]
+    return method
 
 
 class Client:
@@ -37,23 +53,33 @@ class Client:
     >>> client = Client('grpc://localhost:61000')
     >>> client.index(['she smiled, with pain', 'apple.png'])
     >>> client.search(['smile'], limit=3)[0].matches[:, ('text', 'scores__cosine__value')]
+
+    Inputs are streamed: a generator is read a batch at a time (in a worker thread, so reading files
+    does not hold the requests in flight), at most ``in_flight`` batches wait for an answer, and
+    ``index``/``update`` keep only the acknowledged ids. Every method has an ``a``-prefixed coroutine
+    twin (``await client.asearch(...)``) for asyncio code; the synchronous methods are made from them.
     """
 
     def __init__(
         self,
         server: str = 'grpc://localhost:61000',
         timeout: Optional[float] = None,
+        in_flight: int = 4,
         api_key: Optional[str] = None,
         **client_kwargs: Any,
     ):
         """:param server: ``scheme://host:port`` with scheme grpc, grpcs (TLS), http, https, ws or wss
         :param timeout: seconds one request (one batch) may take before it fails; default: no limit
+        :param in_flight: batches sent and not yet answered, at most (the next batch is read meanwhile)
         :param api_key: the service's API key (``--api-key``), sent as ``Authorization`` with every request
         :param client_kwargs: passed to ``jina.Client``
         """
         if timeout is not None and timeout <= 0:
             raise ValueError(f'timeout={timeout} must be positive seconds (or None for no limit)')
+        if in_flight < 1:
+            raise ValueError(f'in_flight={in_flight} must be at least 1')
         self.timeout = timeout
+        self.in_flight = in_flight
         from jina import Client as JinaClient
 
         from clip_search import prefetch
@@ -69,21 +95,31 @@ class Client:
             auth = {'metadata': (('authorization', api_key),)} if scheme.startswith('grpc') else {'headers': {'Authorization': api_key}}
             self._client.post = functools.partial(self._client.post, **auth)
 
-    # -- synchronous API: each call runs its coroutine twin on the client's event loop --------
+    # -- asyncio API; the synchronous API below is made from it --------------------------------
 
-    def encode(
+    async def aencode(
         self, inputs: Inputs, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
     ) -> Union[np.ndarray, DocumentArray]:
-        """Embed texts and images. Strings in give an ``[N, dim]`` array; Documents in give Documents."""
-        return _run(self.aencode(inputs, batch_size, show_progress))
+        """Embed texts and images. A list of strings gives an ``[N, dim]`` array; anything else gives Documents."""
+        all_strings = isinstance(inputs, (list, tuple)) and all(isinstance(x, str) for x in inputs)
+        docs = DocumentArray()
+        await self._post('/encode', inputs, batch_size, show_progress, on_answer=lambda _sent, answer: docs.extend(answer))
+        return docs.embeddings if all_strings else docs
 
-    def index(
+    async def aindex(
         self, inputs: Inputs, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
-    ) -> DocumentArray:
-        """Encode and store documents; an id that is already indexed is replaced."""
-        return _run(self.aindex(inputs, batch_size, show_progress))
+    ) -> list[str]:
+        """Encode and store documents; returns the acknowledged ids, in input order.
 
-    def search(
+        Under the shipped ``/index: ANY`` polling, indexing an id that is already indexed adds a copy
+        (on the shard that receives it; a search still shows each id once): use ``update`` to change
+        a document. Under ``ALL`` the document is replaced. Inputs are streamed, so a generator is read
+        as it is sent: when an item cannot be converted (the error names it), the batches before it
+        were already indexed.
+        """
+        return await self._acknowledged('/index', inputs, batch_size, show_progress)
+
+    async def asearch(
         self,
         inputs: Inputs,
         limit: int = DEFAULT_LIMIT,
@@ -98,9 +134,14 @@ class Client:
         columns, e.g. ``{'color': {'$eq': 'red'}}``; ``max_distance`` keeps only matches at most
         that distance (``0.0``: exact matches only), so a query may get fewer than ``limit``.
         """
-        return _run(self.asearch(inputs, limit, filter, batch_size, show_progress, max_distance))
+        parameters: dict = {'limit': limit}
+        if filter is not None:
+            parameters['filter'] = filter
+        if max_distance is not None:
+            parameters['max_distance'] = max_distance
+        return await self._collected('/search', inputs, batch_size, show_progress, parameters)
 
-    def rank(
+    async def arank(
         self, docs: Iterable[Document], batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
     ) -> DocumentArray:
         """Re-rank each document's ``.matches`` (candidates of the other modality) by CLIP, best first.
@@ -108,99 +149,76 @@ class Client:
         Every candidate comes back with ``scores['clip_score']`` (softmax over the query's candidates)
         and ``scores['clip_score_cosine']`` (cosine similarity), as clip-as-service's ``rank()``.
         """
-        return _run(self.arank(docs, batch_size, show_progress))
-
-    def update(
-        self, inputs: Inputs, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
-    ) -> DocumentArray:
-        """Replace indexed documents by id (content, tags and embedding); unknown ids are an error."""
-        return _run(self.aupdate(inputs, batch_size, show_progress))
-
-    def delete(self, ids: Union[str, Iterable[Union[str, Document]]], batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
-        """Delete documents by id; returns the ids that were indexed (and are now gone)."""
-        return _run(self.adelete(ids, batch_size))
-
-    def status(self) -> dict:
-        """Documents in total and per shard, and the index settings."""
-        return _run(self.astatus())
-
-    def profile(self, content: str = '', show: bool = True) -> dict[str, float]:
-        """Latency of one encode request, in ms: round trip, network, gateway and model (like clip_client)."""
-        return _run(self.aprofile(content, show))
-
-    # -- asyncio API ---------------------------------------------------------------------------
-
-    async def aencode(
-        self, inputs: Inputs, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
-    ) -> Union[np.ndarray, DocumentArray]:
-        """``encode`` for asyncio code."""
-        all_strings = isinstance(inputs, (list, tuple)) and all(isinstance(x, str) for x in inputs)
-        docs = await self._post('/encode', inputs, batch_size, show_progress)
-        return docs.embeddings if all_strings else docs
-
-    async def aindex(
-        self, inputs: Inputs, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
-    ) -> DocumentArray:
-        """``index`` for asyncio code."""
-        return await self._post('/index', inputs, batch_size, show_progress)
-
-    async def asearch(
-        self,
-        inputs: Inputs,
-        limit: int = DEFAULT_LIMIT,
-        filter: Optional[dict] = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        show_progress: Optional[bool] = None,
-        max_distance: Optional[float] = None,
-    ) -> DocumentArray:
-        """``search`` for asyncio code."""
-        parameters: dict = {'limit': limit}
-        if filter is not None:
-            parameters['filter'] = filter
-        if max_distance is not None:
-            parameters['max_distance'] = max_distance
-        return await self._post('/search', inputs, batch_size, show_progress, parameters)
-
-    async def arank(
-        self, docs: Iterable[Document], batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
-    ) -> DocumentArray:
-        """``rank`` for asyncio code."""
-        return await self._post('/rank', _with_candidates(docs), batch_size, show_progress)
+        return await self._collected('/rank', _with_candidates(docs), batch_size, show_progress)
 
     async def aupdate(
         self, inputs: Inputs, batch_size: int = DEFAULT_BATCH_SIZE, show_progress: Optional[bool] = None
-    ) -> DocumentArray:
-        """``update`` for asyncio code."""
-        return await self._post('/update', inputs, batch_size, show_progress)
+    ) -> list[str]:
+        """Replace indexed documents by id (content, tags and embedding); unknown ids are an error.
+
+        Returns the acknowledged ids, in input order; each batch is all-or-nothing.
+        """
+        return await self._acknowledged('/update', inputs, batch_size, show_progress)
 
     async def adelete(
         self, ids: Union[str, Iterable[Union[str, Document]]], batch_size: int = DEFAULT_BATCH_SIZE
     ) -> list[str]:
-        """``delete`` for asyncio code."""
+        """Delete documents by id; returns the ids that were indexed (and are now gone)."""
         ids = [ids] if isinstance(ids, str) else ids
         docs = (Document(id=x.id if isinstance(x, Document) else str(x)) for x in ids)
-        answers = await self._post('/delete', docs, batch_size, show_progress=False)
+        answers = await self._collected('/delete', docs, batch_size, show_progress=False)
         return [doc.id for doc in answers if doc.tags.get('deleted')]
 
+    async def aindexed(self, ids: Iterable[str], batch_size: int = DEFAULT_BATCH_SIZE) -> list[str]:
+        """Which of ``ids`` are indexed, on any shard, in the order given (a read-only lookup)."""
+        held: list[str] = []
+        await self._post(
+            '/status',
+            (Document(id=doc_id) for doc_id in ids),
+            batch_size,
+            show_progress=False,
+            on_answer=lambda _sent, answer: held.extend(doc.id for doc in answer if doc.tags.get('held')),
+            parameters={LOOKUP: True},
+        )
+        return held
+
     async def astatus(self) -> dict:
-        """``status`` for asyncio code."""
-        answer = await self._post('/status', [Document()], 1, show_progress=False)
+        """Documents in total and per shard, and the index settings."""
+        answer = await self._collected('/status', [Document()], 1, show_progress=False)
         tags = answer[0].tags
         return {
             'documents': int(tags['documents']),
-            'shards': [{'shard': int(s['shard']), 'documents': int(s['documents'])} for s in tags['shards']],
+            'shards': [
+                {'shard': int(s['shard']), 'documents': int(s['documents']), 'unreclaimed_slots': int(s.get('unreclaimed_slots', 0))}
+                for s in tags['shards']
+            ],
             'index': {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in tags['index'].items()},
         }
 
     async def aprofile(self, content: str = '', show: bool = True) -> dict[str, float]:
-        """``profile`` for asyncio code."""
+        """Latency of one encode request, in ms: round trip, network, gateway and model (like clip_client)."""
         started = time.perf_counter()
-        responses = await self._post('/', [content], 1, show_progress=False, responses=True)
+        responses: list = []
+        await self._post('/', [content], 1, False, on_answer=lambda _sent, answer: responses.append(answer), responses=True)
         round_trip = (time.perf_counter() - started) * 1000
         report = latency_breakdown(round_trip, responses[0].routes)
         if show:
             print_latency_tree(report)
         return report
+
+    # -- streaming --------------------------------------------------------------------------------
+
+    async def _acknowledged(self, endpoint: str, inputs: Inputs, batch_size: int, show_progress: Optional[bool]) -> list[str]:
+        ids: list[str] = []
+        await self._post(endpoint, inputs, batch_size, show_progress, on_answer=lambda _sent, answer: ids.extend(answer[:, 'id']))
+        return ids
+
+    async def _collected(
+        self, endpoint: str, inputs: Inputs, batch_size: int, show_progress: Optional[bool], parameters: Optional[dict] = None
+    ) -> DocumentArray:
+        docs = DocumentArray()
+        await self._post(endpoint, inputs, batch_size, show_progress, lambda _sent, answer: docs.extend(answer), parameters)
+        return docs
 
     async def _post(
         self,
@@ -208,38 +226,112 @@ class Client:
         inputs: Inputs,
         batch_size: int,
         show_progress: Optional[bool],
+        on_answer: Callable[[DocumentArray, Any], None],
         parameters: Optional[dict] = None,
         responses: bool = False,
-    ) -> Any:
-        """Send ``inputs`` in batches to ``endpoint``; the answers' documents in input order."""
+    ) -> None:
+        """Send ``inputs`` in batches to ``endpoint``; ``on_answer(batch, answer)`` for each batch, in input order."""
         if batch_size < 1:
             raise ValueError(f'batch_size={batch_size} must be at least 1')
         if show_progress is None:
             show_progress = sys.stderr.isatty() and _longer_than(inputs, batch_size)
-        return await _on_client_loop(self._stream(endpoint, inputs, batch_size, show_progress, parameters, responses))
+        total = len(inputs) if isinstance(inputs, (list, tuple, DocumentArray)) else None
 
-    async def _stream(self, endpoint, inputs, batch_size, show_progress, parameters, responses) -> Any:
+        async def send(batch: DocumentArray) -> Any:
+            return await self._send(endpoint, batch, parameters, responses)
+
+        with JobProgress(endpoint, total, bar=show_progress, log_to=sys.stdout) as progress:
+
+            def answered(batch: DocumentArray, answer: Any) -> None:
+                on_answer(batch, answer)
+                progress.advance(len(batch))
+
+            await _on_client_loop(pipeline(batches(_documents(inputs), batch_size), send, answered, self.in_flight))
+
+    async def send_batch(self, endpoint: str, batch: DocumentArray, parameters: Optional[dict] = None) -> DocumentArray:
+        """One request of ``batch`` as it is: the answer's documents; ``RequestError`` with the server's reason."""
+        return await _on_client_loop(self._send(endpoint, batch, parameters))
+
+    async def _send(
+        self, endpoint: str, batch: DocumentArray, parameters: Optional[dict] = None, responses: bool = False
+    ) -> Any:
         from jina.excepts import BadServer
 
-        collected: Any = [] if responses else DocumentArray()
-        # converted here, not inside jina's request loop, which swallows a conversion error and never answers
-        documents = DocumentArray(_documents(inputs))
+        answers: list = []
         try:
             async for answer in self._client.post(
                 endpoint,
-                inputs=documents,
-                request_size=batch_size,
+                inputs=batch,
+                request_size=len(batch),  # one request: the pipeline does the batching
                 parameters=parameters or {},
-                show_progress=show_progress,
-                results_in_order=True,  # answers line up with the inputs, batch after batch
+                show_progress=False,
                 return_responses=responses,
                 stream=False,
                 **({'timeout': self.timeout} if self.timeout else {}),
             ):
-                collected.append(answer) if responses else collected.extend(answer)
+                answers.append(answer)
         except BadServer as exc:
             raise RequestError(endpoint, _server_reason(exc)) from None
-        return collected
+        if responses:
+            return answers[0]
+        return answers[0] if len(answers) == 1 else DocumentArray(doc for answer in answers for doc in answer)
+
+    # -- synchronous API: each method runs its coroutine twin on the client's event loop ---------
+
+    encode = _synchronous(aencode)
+    index = _synchronous(aindex)
+    search = _synchronous(asearch)
+    rank = _synchronous(arank)
+    update = _synchronous(aupdate)
+    delete = _synchronous(adelete)
+    indexed = _synchronous(aindexed)
+    status = _synchronous(astatus)
+    profile = _synchronous(aprofile)
+
+
+async def pipeline(
+    batches: Iterator[DocumentArray],
+    send: Callable[[DocumentArray], Awaitable[T]],
+    on_answer: Callable[[DocumentArray, T], None],
+    in_flight: int,
+) -> None:
+    """Send ``batches`` with at most ``in_flight`` unanswered; ``on_answer`` in send order.
+
+    The next batch is taken from ``batches`` in a worker thread while earlier ones are in flight, so
+    a generator is read as it is sent. When taking a batch or sending one fails, the batches already
+    sent are answered (and passed to ``on_answer``) before the error is raised.
+    Written by hand: jina's client reads its inputs in the event loop and keeps no bound of its own
+    on requests in flight across a generator of our batches with per-batch handling.
+    """
+    pending: deque[tuple[DocumentArray, asyncio.Task]] = deque()
+    try:
+        while True:
+            batch = await asyncio.to_thread(next, batches, None)
+            if batch is None:
+                break
+            pending.append((batch, asyncio.ensure_future(send(batch))))
+            if len(pending) >= in_flight:
+                sent, task = pending.popleft()
+                on_answer(sent, await task)
+        while pending:
+            sent, task = pending.popleft()
+            on_answer(sent, await task)
+    finally:
+        # an error (or a cancel, e.g. Ctrl-C): let the requests already sent finish, report what they acknowledged
+        for sent, task in pending:
+            try:
+                on_answer(sent, await asyncio.shield(task))
+            except Exception:
+                pass
+
+
+def batches(docs: Iterator[Document], batch_size: int) -> Iterator[DocumentArray]:
+    """``docs`` in DocumentArrays of ``batch_size`` (the last may be shorter), read lazily."""
+    while True:
+        batch = DocumentArray(itertools.islice(docs, batch_size))
+        if not batch:
+            return
+        yield batch
 
 
 class RequestError(RuntimeError):

@@ -78,6 +78,7 @@ def build_export_parser() -> argparse.ArgumentParser:
         'flow', nargs='?', default=DEFAULT_FLOW, help=f'the Flow YAML, a path or a shipped name (default: {DEFAULT_FLOW})'
     )
     parser.add_argument('--shards', type=int, help='number of indexer shards (the YAML says 2)')
+    parser.add_argument('--pq', type=int, metavar='N', help='compress the index with product quantization, as for serving')
     parser.add_argument(
         '--model', help='CLIP model, as for serving; its weights are downloaded in the container, not here'
     )
@@ -101,7 +102,7 @@ def export_main(argv: Sequence[str]) -> int:
     args = build_export_parser().parse_args(argv)
     try:
         config = prepare_flow_config(
-            args.flow, fetch_weights=False, shards=args.shards, model=args.model, port=args.port, dtype=args.dtype
+            args.flow, fetch_weights=False, shards=args.shards, model=args.model, port=args.port, dtype=args.dtype, pq=args.pq
         )
         command = ' '.join([args.flow, *_given_options(args)])
         if args.target == 'docker-compose':
@@ -364,7 +365,7 @@ def _offline_export(image: str) -> Iterator[None]:
 
 def _given_options(args: argparse.Namespace) -> list[str]:
     options = []
-    for option in ('shards', 'model', 'dtype', 'port'):
+    for option in ('shards', 'pq', 'model', 'dtype', 'port'):
         if getattr(args, option) is not None:
             options += [f'--{option}', str(getattr(args, option))]
     if args.image != DEFAULT_IMAGE:

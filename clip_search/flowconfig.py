@@ -80,6 +80,7 @@ def load_flow_config(
     allow_paths: Sequence[str] = (),
     allow_hosts: Sequence[str] = (),
     dtype: Optional[str] = None,
+    pq: Optional[int] = None,
 ) -> dict:
     """Read the Flow YAML and apply the command-line overrides (``allow_*`` add to the YAML's lists)."""
     flow_file = resolve_flow_file(flow_file)
@@ -119,6 +120,10 @@ def load_flow_config(
         indexer['shards'] = shards
     if workspace is not None:
         indexer['workspace'] = workspace
+    if pq is not None:
+        if pq < 1:
+            raise FlowConfigError(f'--pq must be at least 1 (bytes a document), not {pq}')
+        _section(indexer, 'uses_with')['n_subvectors'] = pq
     set_placement(indexer, flow_file)
     use_checked_gateway(config)
     return config
@@ -194,10 +199,12 @@ def use_checked_gateway(config: dict) -> None:
     protocols = [str(p).lower() for p in protocol] if isinstance(protocol, list) else [str(protocol).lower()]
     if gateway.get('uses') or not all(p in GATEWAY_CLASSES for p in protocols):
         return
-    indexer = find_executor(config, INDEXER_CLASS)
+    indexer, encoder = find_executor(config, INDEXER_CLASS), find_executor(config, ENCODER_CLASS)
     gateway['uses'] = GATEWAY_CLASSES[protocols[0]] if len(protocols) == 1 else COMPOSITE_GATEWAY_CLASS
     gateway['py_modules'] = [*(gateway.get('py_modules') or []), GATEWAY_MODULE]
-    _section(gateway, 'uses_with')['indexer'] = indexer.setdefault('name', 'indexer')
+    gateway_with = _section(gateway, 'uses_with')
+    gateway_with['indexer'] = indexer.setdefault('name', 'indexer')
+    gateway_with['encoder'] = encoder.setdefault('name', 'encoder')
 
 
 def normalise_executor(executor: dict) -> list[str]:
@@ -271,6 +278,12 @@ def set_index_dimension(config: dict, embed_dim: int, model_name: str) -> None:
         raise FlowConfigError(
             f'the Flow sets the indexer n_dim={declared}, but model {model_name!r} makes '
             f'{embed_dim}-d embeddings: remove n_dim from the YAML (it follows the model)'
+        )
+    n_subvectors = indexer_with.get('n_subvectors')
+    if n_subvectors is not None and (not isinstance(n_subvectors, int) or n_subvectors < 1 or embed_dim % n_subvectors):
+        raise FlowConfigError(
+            f'the indexer\'s n_subvectors={n_subvectors!r} (--pq) must divide the {embed_dim}-d embeddings '
+            f'of model {model_name!r} (product quantization cuts each vector into equal sub-vectors)'
         )
     indexer_with['n_dim'] = embed_dim
 

@@ -54,6 +54,19 @@ def validate_search_parameters(
     return limit, search_filter
 
 
+def check_match_budget(queries: int, limit: int, max_matches: int) -> None:
+    """Refuse a search that asks a shard for more than ``max_matches`` matches (queries x limit), naming the cap.
+
+    Each match is a document the shard reads and the merger sorts: the cap bounds one request's memory.
+    """
+    asked = queries * limit
+    if asked > max_matches:
+        raise ValueError(
+            f'the request asks for {asked:,} matches ({queries:,} queries x limit {limit:,}); '
+            f'the cap is {max_matches:,} (max_matches): send fewer queries per request or a smaller limit'
+        )
+
+
 def _validate_filter(search_filter: Any, columns: set[str]) -> None:
     """Check a filter before annlite turns it into SQL (an unknown column once broke later queries)."""
     from annlite.filter import Filter

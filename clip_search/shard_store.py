@@ -8,8 +8,10 @@ from the store when the snapshot is missing, damaged (size or CRC-32) or built w
 
 Layout of a shard's folder::
 
-    snapshot-<g>/   hnsw.bin, cells.db, meta.db, manifest.json (written last: the snapshot is complete)
-    journal-<g>.log one JSON line per write: {"op": "put"|"del", "ids": [...]}, fsynced before the write
+    snapshot-<g>/   hnsw.bin, cells.db, meta.db, [pq_codec.params,] manifest.json (written last: the snapshot is complete)
+    vectors.f32     with n_subvectors: the float vectors by offset (clip_search.vector_file), fsynced per write
+    journal-<g>.rec one record per write: {"op": "put"|"del", "ids": [...]}, framed by length and CRC-32
+                    (clip_search/journal.py), fsynced before the write; a torn tail is cut at open
 
 A snapshot ``snapshot-<g>`` holds every write journalled before generation ``g``; the journals
 ``g, g+1, ...`` hold what came after it.
@@ -26,9 +28,14 @@ from typing import Iterable
 
 import numpy as np
 
+from clip_search import faults, journal
+
 SNAPSHOT = 'snapshot-'
 JOURNAL = 'journal-'
+JOURNAL_SUFFIX = '.rec'
+LEGACY_JOURNAL_SUFFIX = '.log'  # JSON lines, written before records were framed: still replayed
 FILES = {'hnsw.bin': 'the HNSW graph', 'cells.db': 'the offset table', 'meta.db': 'the id table'}
+CODEC = {'pq_codec.params': 'the PQ codec'}  # in the snapshot of a graph over PQ codes (clip_search.pq)
 MANIFEST = 'manifest.json'
 # RocksDB memory per shard: annlite opens its store with a 256 MB memtable and a 1 GB block cache
 # (optimize_for_point_lookup), which a full read at start fills; the graph lives in HNSW, the store
@@ -51,6 +58,11 @@ def open_index(**annlite_kwargs):
     from rocksdict import BlockBasedOptions, Cache, Options, ReadOptions, Rdict
 
     class LeanDocStorage(DocStorage):
+        def insert(self, docs):  # annlite writes the graph and tables first, then the store
+            faults.reach('after-graph')
+            super().insert(docs)
+            faults.reach('after-store')
+
         def _init_db(self, create_if_missing: bool = True, **kwargs):
             options = Options(raw_mode=True)  # raw_mode and in-place updates as annlite opens it
             options.set_inplace_update_support(True)
@@ -98,6 +110,10 @@ def indexed_count(index) -> int:
     return int(index.meta_table._conn.execute(f'SELECT count(*) FROM {index.meta_table.name}').fetchone()[0])
 
 
+def journal_path(folder: Path, generation: int) -> Path:
+    return folder / f'{JOURNAL}{generation}{JOURNAL_SUFFIX}'
+
+
 class Journal:
     """Append-only record of the ids each write touches, fsynced before the write reaches annlite."""
 
@@ -105,21 +121,29 @@ class Journal:
         self.folder = folder
         self.generation = generation
         self.changes = 0  # ids recorded since the last snapshot
-        self._file = open(folder / f'{JOURNAL}{generation}.log', 'a', encoding='utf-8')
+        self._file = self._open()
+
+    def _open(self):
+        """Open this generation's journal for appending, after cutting a record torn by a crash."""
+        path = journal_path(self.folder, self.generation)
+        journal.truncate_to_whole_records(path)
+        file = open(path, 'ab')
+        fsync_directory(self.folder)
+        return file
 
     def record(self, op: str, ids: list[str]) -> None:
-        self._file.write(json.dumps({'op': op, 'ids': ids}) + '\n')
+        self._file.write(journal.encode({'op': op, 'ids': ids}))
         self._file.flush()
         os.fsync(self._file.fileno())
         self.changes += len(ids)
+        faults.reach('after-journal')
 
     def rotate(self) -> None:
         """Start the next generation: what follows is not in the snapshot about to be taken."""
         self._file.close()
         self.generation += 1
         self.changes = 0
-        self._file = open(self.folder / f'{JOURNAL}{self.generation}.log', 'a', encoding='utf-8')
-        fsync_directory(self.folder)
+        self._file = self._open()
 
     def close(self) -> None:
         self._file.close()
@@ -142,14 +166,22 @@ def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path
         shutil.rmtree(target)
     target.mkdir()
     index.vec_index(0).dump(target / 'hnsw.bin')
+    faults.reach('mid-snapshot')
     index.cell_table(0).dump(target / 'cells.db')
     index.meta_table.dump(target / 'meta.db')
+    codec = index.vec_index(0).pq_codec
+    if codec is not None:
+        codec.dump(target / next(iter(CODEC)))
+    for name in _files(codec is not None):  # the data on disk before the manifest that vouches for it (SQLite's rule)
+        fsync_file(target / name)
+    fsync_directory(target)
     manifest = {
         'settings': settings,
         'documents': index.total_docs,
-        'files': {name: {'size': (target / name).stat().st_size, 'crc32': _crc32(target / name)} for name in FILES},
+        'files': {name: {'size': (target / name).stat().st_size, 'crc32': _crc32(target / name)} for name in _files(codec is not None)},
     }
     write_atomically(target / MANIFEST, json.dumps(manifest, indent=2).encode())
+    fsync_directory(folder)  # the snapshot's folder entry too, before anything older is deleted
     return target
 
 
@@ -171,7 +203,8 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     for key in sorted(set(settings) | set(stored)):
         if stored.get(key) != settings.get(key):
             raise SnapshotError(f'{source.name} was built with {key}={stored.get(key)!r}, not {settings.get(key)!r}')
-    for name, what in FILES.items():
+    compressed = any(name in files for name in CODEC)
+    for name, what in _files(compressed).items():
         path = source / name
         size = path.stat().st_size if path.exists() else None
         expected = files.get(name, {}).get('size')
@@ -180,7 +213,12 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
         if _crc32(path) != files[name]['crc32']:
             raise SnapshotError(f'{source.name}/{name} ({what}) is damaged: CRC-32 mismatch')
     vectors = index.vec_index(0)
-    vectors.load(source / 'hnsw.bin')
+    if compressed:
+        from clip_search.pq import load_graph
+
+        load_graph(vectors, source / 'hnsw.bin', source / next(iter(CODEC)))
+    else:
+        vectors.load(source / 'hnsw.bin')
     vectors._capacity = vectors._index.get_max_elements()  # annlite keeps its own count of the capacity
     single_threaded(index)
     index.cell_table(0).load(source / 'cells.db')
@@ -189,24 +227,37 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     return generation, int(manifest['documents'])
 
 
+def _files(compressed: bool) -> dict:
+    return {**FILES, **CODEC} if compressed else FILES
+
+
 def journalled_ids(folder: Path, from_generation: int) -> list[str]:
     """The ids the journals since ``from_generation`` touched, each once, in order of last touch.
 
-    A line cut short by a crash is the write that was not acknowledged: it is skipped.
+    A record cut short by a crash is the write that was not acknowledged: it is not read.
     """
     touched: dict[str, None] = {}
     for generation in generations(folder, JOURNAL):
         if generation < from_generation:
             continue
-        for line in (folder / f'{JOURNAL}{generation}.log').read_text(encoding='utf-8').splitlines():
-            try:
-                ids = json.loads(line)['ids']
-            except (ValueError, KeyError):
-                continue
-            for doc_id in ids:
+        for record in _journal_records(folder, generation):
+            for doc_id in record.get('ids', []):
                 touched.pop(doc_id, None)
                 touched[doc_id] = None
     return list(touched)
+
+
+def _journal_records(folder: Path, generation: int) -> list[dict]:
+    """The whole records of one generation's journal (framed; or JSON lines from an older version)."""
+    records, _ = journal.read(journal_path(folder, generation))
+    legacy = folder / f'{JOURNAL}{generation}{LEGACY_JOURNAL_SUFFIX}'
+    if legacy.exists():
+        for line in legacy.read_text(encoding='utf-8', errors='replace').splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue
+    return records
 
 
 def replay(index, ids: Iterable[str], batch_size: int = 1024) -> int:
@@ -262,7 +313,8 @@ def remove_older(folder: Path, keep_snapshot: int) -> None:
             shutil.rmtree(folder / f'{SNAPSHOT}{generation}', ignore_errors=True)
     for generation in generations(folder, JOURNAL):
         if generation < keep_snapshot:
-            (folder / f'{JOURNAL}{generation}.log').unlink(missing_ok=True)
+            journal_path(folder, generation).unlink(missing_ok=True)
+            (folder / f'{JOURNAL}{generation}{LEGACY_JOURNAL_SUFFIX}').unlink(missing_ok=True)
 
 
 def _crc32(path: Path, chunk: int = 8 << 20) -> int:
@@ -282,6 +334,11 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.fsync(file.fileno())
     os.replace(temporary, path)
     fsync_directory(path.parent)  # the rename itself survives a power cut
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, 'rb') as file:
+        os.fsync(file.fileno())
 
 
 def remove_durably(path: Path) -> None:

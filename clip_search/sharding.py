@@ -17,13 +17,16 @@ def owner_shard(doc_id: str, shards: int) -> int:
     return int.from_bytes(digest, 'big') % shards
 
 
-def shard_status(shard_id: int, documents: int, settings: dict) -> Document:
-    """One shard's status, in the same shape as the merged status of many shards."""
+def shard_status(shard_id: int, documents: int, settings: dict, unreclaimed_slots: int = 0) -> Document:
+    """One shard's status, in the same shape as the merged status of many shards.
+
+    ``unreclaimed_slots``: graph nodes of deleted or replaced documents that still take memory.
+    """
     return Document(
         id=STATUS_ID,
         tags={
             'documents': documents,
-            'shards': [{'shard': shard_id, 'documents': documents}],
+            'shards': [{'shard': shard_id, 'documents': documents, 'unreclaimed_slots': unreclaimed_slots}],
             'index': settings,
         },
     )
@@ -112,12 +115,18 @@ def held_answer(doc_ids: Iterable[str], held: set) -> list:
     return [Document(id=doc_id, tags={'held': doc_id in held}) for doc_id in doc_ids]
 
 
-def refuse_unheld(answers: Iterable) -> list:
-    """The merger's half of the check pass: the ids in request order; raise if one is held by no shard."""
+def merge_held(answers: Iterable) -> dict[str, bool]:
+    """The shards' ``held_answer``s as one: every id in request order, held when any shard holds it."""
     held: dict[str, bool] = {}
     for answer in answers:
         for doc in answer:
             held[doc.id] = held.get(doc.id, False) or bool(doc.tags.get('held'))
+    return held
+
+
+def refuse_unheld(answers: Iterable) -> list:
+    """The merger's half of the check pass: the ids in request order; raise if one is held by no shard."""
+    held = merge_held(answers)
     missing = [doc_id for doc_id, is_held in held.items() if not is_held]
     if missing:
         raise ValueError(
@@ -125,3 +134,14 @@ def refuse_unheld(answers: Iterable) -> list:
             f'nothing was updated'
         )
     return list(held)
+
+
+# A read-only lookup of ids, for a client resuming an interrupted /index (which of the ids it sent are
+# stored?): /status with this parameter and the ids as documents. /status is polled ALL in every Flow
+# (the CLI refuses other polling), so each shard answers ``held_answer`` and the merger ``merge_held``,
+# whatever the polling of /index, and the Flow YAML needs no new endpoint.
+LOOKUP = 'clip_search_lookup'
+
+
+def is_lookup(parameters: Optional[dict]) -> bool:
+    return bool((parameters or {}).get(LOOKUP))

@@ -10,6 +10,7 @@ Placement (docs/design.md) follows the Flow's polling of /index: polled ``ANY``,
 receives a document stores it; polled ``ALL``, each shard keeps the ids that hash to it (``owner_shard``).
 """
 
+import asyncio
 import json
 import threading
 import time
@@ -21,13 +22,23 @@ from docarray import Document, DocumentArray
 from jina import Executor, requests
 
 from clip_search import allocator, shard_store  # annlite itself is imported late, inside shard_store
-from clip_search.params import DEFAULT_LIMIT, validate_max_distance, validate_search_parameters, within_distance
+from clip_search.exact_search import exact_search
+from clip_search.params import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    check_match_budget,
+    validate_max_distance,
+    validate_search_parameters,
+    within_distance,
+)
+from clip_search.pq import Compression, check_settings as check_compression
 from clip_search.sharding import (
     ALL,
     ANY,
     DEFAULT_INDEX_POLLING,
     check_index_polling,
     held_answer,
+    is_lookup,
     is_update_check,
     owner_shard,
     refuse_unheld,
@@ -36,7 +47,9 @@ from clip_search.sharding import (
 )
 
 SETTINGS_FILE = 'clip_search_index.json'
-REPLACE_JOURNAL = 'clip_search_replace.journal'  # the old versions of a replace in progress
+# the old versions of a replace in progress, one file per request (clip_search_replace-<time_ns>.journal)
+REPLACE_JOURNAL = 'clip_search_replace-*.journal'
+INLINE_SEARCH_MATCHES = 1000  # a search asking for more matches (queries x limit) runs in a thread
 
 
 class AnnLiteIndexer(Executor):
@@ -52,7 +65,12 @@ class AnnLiteIndexer(Executor):
         ef_search: int = 400,
         max_connection: int = 16,
         index_polling: str = DEFAULT_INDEX_POLLING,
-        snapshot_every: int = 20000,
+        snapshot_every: int = 2000,
+        max_matches: int = 100_000,
+        n_subvectors: Optional[int] = None,
+        pq_train_size: int = 20000,
+        rerank_factor: int = 10,
+        max_candidates: int = MAX_LIMIT,
         *args,
         **kwargs,
     ):
@@ -68,8 +86,19 @@ class AnnLiteIndexer(Executor):
             that receives a document stores it (re-indexing an id adds a copy); ``ALL``, the shard its id
             hashes to (re-indexing replaces). ``python -m clip_search`` sets it from the YAML's polling
         :param snapshot_every: snapshot the graph after this many written ids (or 5% of the shard,
-            whichever is more), bounding what a restart after a crash replays; a graceful stop
-            always snapshots
+            whichever is more), bounding what a restart after a crash replays (README: Durability);
+            the snapshot runs in the background; a graceful stop always snapshots
+        :param max_matches: the most matches one search may ask this shard for (queries x limit);
+            a request above it is refused, naming the cap: one request cannot take the shard's memory
+        :param n_subvectors: compress the graph with product quantization, this many bytes a document
+            (must divide n_dim; ``--pq N`` on the command line); None keeps float vectors. The float
+            vectors go to a file on disk that re-ranks the graph's candidates exactly (docs/design.md)
+        :param pq_train_size: with n_subvectors, the first this many documents of an empty shard are
+            indexed as floats, then train the codec and move into the compressed graph
+        :param rerank_factor: with n_subvectors, the compressed graph returns ``limit x rerank_factor``
+            candidates, re-scored with their float vectors
+        :param max_candidates: with n_subvectors, the most candidates a query may ask of the graph
+            (``limit x rerank_factor``); a larger limit is refused
         """
         super().__init__(*args, **kwargs)
         allocator.return_large_blocks_to_os()  # this process is the shard's: its freed request buffers leave
@@ -78,10 +107,12 @@ class AnnLiteIndexer(Executor):
                 'AnnLiteIndexer needs n_dim: start the Flow with `python -m clip_search`, '
                 'which sets it from the model, or set uses_with.n_dim to the model embedding size'
             )
+        check_compression(int(n_dim), n_subvectors, pq_train_size, rerank_factor)
         self.shard_id = int(getattr(self.runtime_args, 'shard_id', 0) or 0)
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
         self.default_limit = limit
         self.snapshot_every = snapshot_every
+        self.max_matches = max_matches
         self.columns = [tuple(column) for column in (columns or [])]
         self.index_polling = check_index_polling(index_polling)
         self.settings = {
@@ -90,7 +121,9 @@ class AnnLiteIndexer(Executor):
             'shards': self.shards,
             'columns': [list(column) for column in self.columns],
             'index_polling': self.index_polling,
+            'n_subvectors': n_subvectors,
         }
+        self.max_candidates = max_candidates
         # a snapshot is used only when the graph was built exactly as this shard would build it
         self._snapshot_settings = dict(
             self.settings, shard=self.shard_id, max_connection=max_connection, ef_construction=ef_construction
@@ -106,11 +139,19 @@ class AnnLiteIndexer(Executor):
             ef_search=ef_search,
             max_connection=max_connection,
         )
+        self._compression: Optional[Compression] = None
+        if n_subvectors:
+            self._compression = Compression(self._data_path, int(n_dim), n_subvectors, pq_train_size, rerank_factor)
+            self._compression.attach(self._index)
         self._write_lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
         self._loaded = threading.Event()
         self._load_error: Optional[str] = None
         self.loaded_how: Optional[str] = None  # the start's path: snapshot + replay, or rebuild and why
         self._journal = None
+        self._unfinished_replaces = True  # replace journals may be left by a crash: look before the first write
+        self._snapshotting = threading.Event()  # a background snapshot is running
+        self._snapshot_failed = False  # the last snapshot failed: the next write starts another
+        self._closed = False
         if self._index.total_docs == 0:
             self._start_empty()
         else:
@@ -143,23 +184,45 @@ class AnnLiteIndexer(Executor):
         return self._answer(self._delete_docs, docs)
 
     @requests(on='/search')
+    async def serve_search(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
+        """/search, as ``search`` below, under Jina's executor lock, which every write holds too.
+
+        A search of a few queries runs on the shard's event loop: it takes less time than handing it
+        to a thread and back (as Jina does for a plain function). A larger one runs in a thread, so
+        the loop stays free for health checks meanwhile.
+        """
+        async with self._lock:
+            if len(docs) * _requested_limit(parameters, self.default_limit) <= INLINE_SEARCH_MATCHES:
+                return self.search(docs, parameters)
+            return await asyncio.get_running_loop().run_in_executor(None, self.search, docs, parameters)
+
     def search(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
         """Attach this shard's top-``limit`` matches, ascending cosine distance, to every query."""
         return self._answer(self._search_docs, docs, parameters)
 
     @requests(on='/status')
-    def status(self, **kwargs) -> DocumentArray:
-        """This shard's document count and the index settings, in the merged status format."""
+    def status(
+        self, docs: Optional[DocumentArray] = None, parameters: Optional[dict] = None, **kwargs
+    ) -> DocumentArray:
+        """This shard's document count and the index settings, in the merged status format.
+
+        With the ``LOOKUP`` parameter, which of the documents' ids this shard holds (read-only).
+        """
+        if is_lookup(parameters):
+            return self._answer(self._lookup, docs)
         return self._answer(self._status)
 
     def close(self) -> None:
         """A graceful stop: snapshot what changed, so the next start loads instead of replaying."""
         with self._write_lock:
+            self._closed = True  # a background snapshot still waiting for the lock has nothing to do
             if self._loaded.is_set():
-                if self._journal.changes:
+                if self._journal.changes or self._snapshot_failed:
                     self._snapshot()
                 self._journal.close()
                 self._index.close()  # while loading, the loader thread still uses it: the process exit closes it
+                if self._compression:
+                    self._compression.close()
         super().close()
 
     def _answer(self, handler: Callable, *args) -> DocumentArray:
@@ -206,11 +269,13 @@ class AnnLiteIndexer(Executor):
                 path = f'loaded snapshot-{generation} ({documents} documents) and replayed {replayed} changed ids'
             except Exception as exc:  # noqa: BLE001 - any unusable snapshot: the store still has everything
                 shard_store.reset(self._index)
+                if self._compression:  # a new codec from the stored documents (the snapshot's may be the damage)
+                    self._compression.train_from_store(self._index)
                 path = f'rebuilt {shard_store.rebuild(self._index)} documents from the document store ({exc})'
                 replayed = 1
             seen = [*shard_store.generations(folder, shard_store.JOURNAL), *shard_store.generations(folder, shard_store.SNAPSHOT)]
             self._journal = shard_store.Journal(folder, max(seen, default=0))
-            if replayed:  # the next start loads this one instead of replaying or rebuilding again
+            if self._compress_when_ready() or replayed:  # the next start loads this one, not replaying again
                 self._snapshot()
             self._restore_after_crash()
             self.loaded_how = path
@@ -222,11 +287,20 @@ class AnnLiteIndexer(Executor):
             self.logger.error(f'shard {self.shard_id}/{self.shards}: loading failed: {self._load_error}')
 
     def _restore_after_crash(self) -> None:
-        """Put back the old versions of a replace that a crash cut short, journalled like any write."""
-        replace_journal = self._data_path / REPLACE_JOURNAL
-        if replace_journal.exists():
-            old = DocumentArray.from_bytes(replace_journal.read_bytes())
-            self._write('put', old[:, 'id'], lambda: _restore_interrupted_replace(self._index, self._data_path, old, self.logger))
+        """Put back the old versions of the replaces that a crash cut short, journalled like any write."""
+        with self._write_lock:
+            self._restore_unfinished_replaces()
+
+    def _restore_unfinished_replaces(self) -> None:
+        """Under the write lock, before any later write: restore each replace journal left, oldest first
+        (a crash, or a restore that itself failed inside its request), so none outlives a later write."""
+        if not self._unfinished_replaces:
+            return
+        for path in sorted(self._data_path.glob(REPLACE_JOURNAL)):
+            old = DocumentArray.from_bytes(path.read_bytes())
+            self._journal.record('put', old[:, 'id'])
+            _restore_interrupted_replace(self._index, path, old, self.logger)
+        self._unfinished_replaces = False
 
     def _snapshot(self) -> None:
         """Start a new journal generation, dump the graph and tables, drop what the snapshot holds."""
@@ -237,12 +311,40 @@ class AnnLiteIndexer(Executor):
         self.logger.debug(f'shard {self.shard_id}: snapshot-{self._journal.generation} in {time.monotonic() - started:.1f} s')
 
     def _write(self, op: str, ids: list, apply: Callable[[], None]) -> None:
-        """Journal the ids, apply the write, snapshot when the journal has grown past the checkpoint."""
+        """Journal the ids, apply the write; past the checkpoint, start a snapshot in the background."""
         with self._write_lock:
+            self._restore_unfinished_replaces()
             self._journal.record(op, list(ids))
             apply()
-            if self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
-                self._snapshot()
+            due = self._compress_when_ready() or self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20)
+            if (due or self._snapshot_failed) and not self._snapshotting.is_set():
+                self._snapshotting.set()
+                threading.Thread(target=self._snapshot_in_background, name=f'shard-{self.shard_id}-snapshot', daemon=True).start()
+
+    def _snapshot_in_background(self) -> None:
+        """Snapshot from a consistent point, off the request: the write lock holds writes back meanwhile,
+        searches go on reading the graph. A failure is logged in one line and retried after the next
+        write; the writes stay durable in the journal and the store, so none is failed for it."""
+        try:
+            with self._write_lock:
+                if self._closed or not (self._journal.changes or self._snapshot_failed):
+                    return
+                try:
+                    self._snapshot()
+                    self._snapshot_failed = False
+                except Exception as exc:  # noqa: BLE001 - a full disk, say: the journal still has every write
+                    self._snapshot_failed = True
+                    self.logger.error(f'shard {self.shard_id}: snapshot failed, retried after the next write: {exc!r}')
+        finally:
+            self._snapshotting.clear()
+
+    def _compress_when_ready(self) -> bool:
+        """With n_subvectors: once the shard holds ``pq_train_size`` documents, train the codec and
+        compress the graph (True: the caller snapshots, the codec is part of the snapshot)."""
+        done = self._compression.train_when_ready(self._index) if self._compression else None
+        if done:
+            self.logger.info(f'shard {self.shard_id}/{self.shards}: {done}')
+        return bool(done)
 
     def _index_docs(self, docs: DocumentArray) -> DocumentArray:
         mine = self._owned(docs) if self.index_polling == ALL else self._all_checked(docs)
@@ -269,6 +371,9 @@ class AnnLiteIndexer(Executor):
             refuse_unheld([answer])
         return DocumentArray(answer)
 
+    def _lookup(self, docs: DocumentArray) -> DocumentArray:
+        return DocumentArray(held_answer(docs[:, 'id'], {doc.id for doc in docs if self._contains(doc.id)}))
+
     def _delete_docs(self, docs: DocumentArray) -> DocumentArray:
         present = [doc.id for doc in docs if self._contains(doc.id)]
         if present:
@@ -281,6 +386,8 @@ class AnnLiteIndexer(Executor):
             parameters, self.default_limit, [name for name, _ in self.columns]
         )
         max_distance = validate_max_distance(parameters.get('max_distance'))
+        check_match_budget(len(docs), limit, self.max_matches)
+        self._check_candidates(limit)
         self._check_embeddings(docs)
         if self._index.total_docs == 0:
             for doc in docs:
@@ -288,7 +395,10 @@ class AnnLiteIndexer(Executor):
             return docs
         try:
             if search_filter or self._index.n_cells != 1:
-                self._index.search(docs, filter=search_filter, limit=limit)
+                compressed = self._compression and self._compression.trained(self._index)
+                self._index.search(docs, filter=search_filter, limit=self._compression.candidates(limit) if compressed else limit)
+                if compressed:  # the matches carry their stored embeddings: exact distances from them
+                    self._compression.rerank_matches(docs, limit)
                 _finish_matches(docs)
             else:
                 self._search_unfiltered(docs, limit)
@@ -315,8 +425,11 @@ class AnnLiteIndexer(Executor):
         vectors, store = self._index.vec_index(0), self._index.doc_store(0)
         k = min(limit, self._index.total_docs)
         queries = np.asarray(docs.embeddings, dtype=np.float32).reshape(len(docs), -1)
-        vectors._index.set_ef(max(vectors.ef_search, k))
-        offsets, distances = vectors._index.knn_query(l2_normalize(queries), k=k, num_threads=1)
+        if self._compression and self._compression.trained(self._index):
+            offsets, distances = self._compression.nearest(self._index, queries, k)
+        else:
+            vectors._index.set_ef(max(vectors.ef_search, k))
+            offsets, distances = vectors._index.knn_query(l2_normalize(queries), k=k, num_threads=1)
         id_of = self._ids_of_offsets(np.unique(offsets).tolist())
         for doc, row_offsets, row_distances in zip(docs, offsets, distances):
             ids = [id_of.get(int(offset)) for offset in row_offsets]
@@ -325,6 +438,15 @@ class AnnLiteIndexer(Executor):
             for match in matches:
                 _finish_match(match, distance_of[match.id])
             doc.matches = matches
+
+    def _check_candidates(self, limit: int) -> None:
+        if self._compression and self._compression.candidates(limit) > self.max_candidates:
+            factor = self._compression.rerank_factor
+            raise ValueError(
+                f'parameter limit={limit} asks the compressed index for {limit} x rerank_factor {factor} = '
+                f'{limit * factor} candidates, above max_candidates={self.max_candidates}: '
+                f'ask for at most {self.max_candidates // factor} matches'
+            )
 
     def _ids_of_offsets(self, offsets: list) -> dict:
         """HNSW offsets to document ids, one SQL query per 900 offsets (annlite asks one per offset)."""
@@ -336,7 +458,9 @@ class AnnLiteIndexer(Executor):
         return id_of
 
     def _status(self) -> DocumentArray:
-        return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings)])
+        graph_nodes = self._index.vec_index(0)._index.element_count  # hnswlib counts deleted nodes too
+        unreclaimed = graph_nodes - shard_store.indexed_count(self._index)
+        return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings, unreclaimed)])
 
     def _owned(self, docs: DocumentArray) -> DocumentArray:
         """Check every document (so all shards refuse a bad batch alike), keep the ones this shard owns."""
@@ -359,14 +483,17 @@ class AnnLiteIndexer(Executor):
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
             return
         old = self._index.doc_store(0).get(existing)
-        shard_store.write_atomically(self._data_path / REPLACE_JOURNAL, old.to_bytes())
+        journal = self._data_path / REPLACE_JOURNAL.replace('*', f'{time.time_ns():020d}')  # unique, in time order
+        shard_store.write_atomically(journal, old.to_bytes())
         try:
             self._index.delete(existing)
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
         except Exception:
-            _restore_interrupted_replace(self._index, self._data_path, old, self.logger)  # the old versions, at once
+            self._unfinished_replaces = True  # should the restore fail too, the next write retries it first
+            _restore_interrupted_replace(self._index, journal, old, self.logger)  # the old versions, at once
+            self._unfinished_replaces = False
             raise
-        shard_store.remove_durably(self._data_path / REPLACE_JOURNAL)  # before the answer: an acknowledged replace stays
+        shard_store.remove_durably(journal)  # before the answer: an acknowledged replace stays
 
     def _check_embeddings(self, docs: DocumentArray) -> None:
         n_dim = self.settings['n_dim']
@@ -385,6 +512,14 @@ class AnnLiteIndexer(Executor):
 
 class ShardLoading(RuntimeError):
     """The shard is loading its index after a start; the request can be retried in seconds."""
+
+
+def _requested_limit(parameters: dict, default: int) -> int:
+    """The request's ``limit`` as a number, for sizing only (``validate_search_parameters`` judges it)."""
+    try:
+        return max(int(parameters.get('limit') or default), 1)
+    except (TypeError, ValueError):
+        return default
 
 
 def _ids_only(docs: DocumentArray) -> DocumentArray:
@@ -459,22 +594,9 @@ def _finish_matches(docs: DocumentArray) -> None:
 
 
 def exact_filtered_search(index, docs: DocumentArray, search_filter: Optional[dict], limit: int) -> None:
-    """Top-``limit`` matches by cosine distance among every document that passes the filter (brute force)."""
-    candidates = index.filter(filter=search_filter or {}, limit=max(index.total_docs, 1))
-    if not len(candidates):
-        for doc in docs:
-            doc.matches = DocumentArray()
-        return
-    vectors = np.asarray(candidates.embeddings, dtype=np.float32)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    for doc in docs:
-        query = np.asarray(doc.embedding, dtype=np.float32)
-        distances = 1.0 - vectors @ (query / max(float(np.linalg.norm(query)), 1e-12))
-        order = np.argsort(distances, kind='stable')[:limit]
-        matches = DocumentArray(Document(candidates[int(i)], copy=True) for i in order)
-        for match, i in zip(matches, order):
-            match.scores['cosine'].value = float(distances[int(i)])
-        doc.matches = matches
+    """Top-``limit`` matches by cosine distance among every document that passes the filter (brute
+    force, a chunk of candidates at a time: ``clip_search.exact_search``)."""
+    exact_search(index, docs, search_filter, limit)
 
 
 def _check_or_write_settings(data_path: Path, settings: dict) -> None:
@@ -483,7 +605,7 @@ def _check_or_write_settings(data_path: Path, settings: dict) -> None:
     settings_file = data_path / SETTINGS_FILE
     if settings_file.exists():
         stored = json.loads(settings_file.read_text())
-        for key in ('n_dim', 'metric', 'shards', 'columns'):
+        for key in ('n_dim', 'metric', 'shards', 'columns', 'n_subvectors'):
             if stored.get(key) != settings[key]:
                 raise ValueError(
                     f'workspace {data_path} was built with {key}={stored.get(key)!r}, '
@@ -505,7 +627,7 @@ def _check_placement(data_path: Path, stored: str, wanted: str) -> None:
         )
 
 
-def _restore_interrupted_replace(index, data_path: Path, old: DocumentArray, logger) -> None:
+def _restore_interrupted_replace(index, journal: Path, old: DocumentArray, logger) -> None:
     """Put back ``old``, the versions a replace journalled before it was cut short, and drop the journal.
 
     The replace was never acknowledged, so the acknowledged state is the one before it.
@@ -514,5 +636,5 @@ def _restore_interrupted_replace(index, data_path: Path, old: DocumentArray, log
     if present:
         index.delete(present)
     index.index(old)
-    shard_store.remove_durably(data_path / REPLACE_JOURNAL)
+    shard_store.remove_durably(journal)
     logger.warning(f'restored {len(old)} documents of a replace interrupted by a crash: {old[:, "id"][:10]}')

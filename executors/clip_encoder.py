@@ -71,6 +71,10 @@ class CLIPEncoder(Executor):
         self.media = MediaPolicy.create(allow_paths, allow_hosts, uri_timeout)
         self._clip = load_model(resolve_model(name), self.device, dtype)  # refuses a dtype the device cannot run
         self._pool = ThreadPoolExecutor(max_workers=num_workers or os.cpu_count(), thread_name_prefix='preprocess')
+        # images read from a uri wait on the network (up to uri_timeout): they get threads of their own,
+        # enough for every concurrent request's minibatch, so that slow hosts never hold the decoding
+        # of another request's images (4 dripping urls held a 2-core pool, and image searches, for 10 s)
+        self._fetch_pool = ThreadPoolExecutor(max_workers=max_concurrent_requests * minibatch_size, thread_name_prefix='fetch')
         self._request_threads = ThreadPoolExecutor(max_workers=max_concurrent_requests, thread_name_prefix='request')
         # one forward pass at a time: torch already spreads one over every core, and concurrent
         # requests' passes side by side oversubscribe them (bench/dtype.py, fp32: 5.5 images/s, 9 in turn)
@@ -159,7 +163,11 @@ class CLIPEncoder(Executor):
             self._store(batch, self._forward(self._clip.model.encode_image, pixels))
 
     def _submit(self, batch: list, thumbnail_size: int) -> list[Future]:
-        return [self._pool.submit(self._preprocess, doc, thumbnail_size) for doc in batch]
+        return [self._pool_for(doc).submit(self._preprocess, doc, thumbnail_size) for doc in batch]
+
+    def _pool_for(self, doc) -> ThreadPoolExecutor:
+        """The fetch pool for an image read from its uri, the core-sized pool for bytes already here."""
+        return self._fetch_pool if doc.tensor is None and not doc.blob and doc.uri else self._pool
 
     def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """The model's ``encode_text``, on the batch's tokens only rather than the whole padded context.
@@ -203,6 +211,7 @@ class CLIPEncoder(Executor):
     def close(self) -> None:
         self._request_threads.shutdown(wait=False)
         self._pool.shutdown(wait=False)
+        self._fetch_pool.shutdown(wait=False)
         super().close()
 
 

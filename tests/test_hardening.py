@@ -45,7 +45,8 @@ def refusal(service, endpoint: str, docs: list) -> str:
 
 
 class ImageServer:
-    """An HTTP server on 127.0.0.1: ``/img.png`` answers a PNG, ``/drip.png`` one byte a second,
+    """An HTTP server on 127.0.0.1: ``/img.png`` answers a PNG, ``/drip.png`` one byte a second
+    (``/drip-fast.png?...`` one every 0.2 s),
     ``/huge.png`` announces a gigabyte, ``/hop.png`` redirects to a private address."""
 
     def __init__(self):
@@ -67,13 +68,14 @@ class ImageServer:
                 self.send_header('Content-Type', 'image/png')
                 self.send_header('Content-Length', str(len(image)))
                 self.end_headers()
-                if self.path != '/drip.png':
+                if not self.path.startswith('/drip'):
                     self.wfile.write(image)
                     return
+                pause = 0.2 if self.path.startswith('/drip-fast.png') else 1
                 for byte in image:  # each byte within any per-read timeout: only a total deadline ends it
                     self.wfile.write(bytes([byte]))
                     self.wfile.flush()
-                    time.sleep(1)
+                    time.sleep(pause)
 
             def log_message(self, *args):
                 pass
@@ -180,7 +182,7 @@ client = Client(host=sys.argv[1])
 client.post('/status', DocumentArray([Document()]))  # connected: the clock starts with the fetch
 started = time.monotonic()
 try:
-    client.post('/index', DocumentArray([Document(id='by-drip', uri=sys.argv[2])]))
+    client.post('/index', DocumentArray(Document(id=f'by-drip-{i}', uri=url) for i, url in enumerate(sys.argv[2:])))
 except BadServer as exc:
     print(' '.join(exc.args[0].status.exception.args))
 print(f'seconds={time.monotonic() - started:.2f}', flush=True)
@@ -204,11 +206,48 @@ def test_a_dripping_host_is_cut_off_at_the_deadline_while_other_searches_answer(
         latencies.append(time.monotonic() - started)
         time.sleep(0.05)
     out, err = dripping.communicate()
-    assert "document 'by-drip'" in out and 'longer than uri_timeout=5 s' in out, err[-2000:]
+    assert "document 'by-drip-0'" in out and 'longer than uri_timeout=5 s' in out, err[-2000:]
     seconds = float(re.search(r'seconds=([\d.]+)', out).group(1))
     assert 4.5 <= seconds < 8  # the flow's uri_timeout is 5 s, for the whole fetch (the host drips a byte a second)
     assert len(latencies) >= 20 and max(latencies) < 3, latencies
     assert Client(opened.address).status()['documents'] >= 1
+
+
+@pytest.mark.slow
+def test_four_dripping_urls_in_one_index_hold_no_concurrent_search(opened, image_server):
+    """Searches by text and by image, from other clients, answer while one /index waits on 4 slow hosts."""
+    Client(opened.address).index([Document(id='steady-text', text='a calm lake'), Document(id='steady-image', blob=png_bytes(11))])
+    urls = [f'{image_server.url}/drip-fast.png?n={i}' for i in range(4)]
+    dripping = subprocess.Popen(
+        [sys.executable, '-c', DRIPPING_CLIENT, opened.address, *urls], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    latencies: dict[str, list[float]] = {'text': [], 'image': []}
+    failures: list[BaseException] = []
+
+    def search(kind: str, query, expected: str) -> None:
+        client = Client(opened.address, timeout=10)
+        try:
+            while dripping.poll() is None:
+                started = time.monotonic()
+                assert client.search([query], limit=1)[0].matches[0].id == expected
+                latencies[kind].append(time.monotonic() - started)
+                time.sleep(0.05)
+        except BaseException as exc:  # surfaced below
+            failures.append(exc)
+
+    threads = [
+        threading.Thread(target=search, args=('text', 'a calm lake', 'steady-text')),
+        threading.Thread(target=search, args=('image', Document(blob=png_bytes(11)), 'steady-image')),
+    ]
+    for thread in threads:
+        thread.start()
+    out, err = dripping.communicate(timeout=60)
+    for thread in threads:
+        thread.join(30)
+    assert not failures, failures
+    assert "document 'by-drip-" in out and 'longer than uri_timeout=5 s' in out, err[-2000:]
+    # every search within 1 s on a quiet machine; 3 s leaves room for a shared, busy one
+    assert all(len(times) >= 5 and max(times) < 3 for times in latencies.values()), {k: (len(t), sorted(t)[-3:]) for k, t in latencies.items()}
 
 
 def big_png(width: int, height: int) -> bytes:

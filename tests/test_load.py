@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from docarray import Document
 
 from clip_search import Client
 from helpers.service import flow_polling_index
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
@@ -63,3 +69,22 @@ def test_concurrent_clients_lose_and_duplicate_nothing(service_factory, tmp_path
     assert [r.matches[0].id for r in results] == [f'w2-{b}-7' for b in range(6)] + ['shared-3-2']
     shared = client.search(['shared batch 0 item 0'], limit=200)[0].matches[:, 'id']
     assert len(shared) == len(set(shared))
+
+
+@pytest.mark.slow
+def test_the_load_benchmark_loses_nothing_acknowledged_when_a_shard_is_killed(tmp_path):
+    """bench/load.py for 20 s: 2 searchers (our client, clip_client), a writer, a mutator; one shard
+    gets kill -9 halfway and its supervisor loop starts the service again."""
+    run = subprocess.run(
+        [sys.executable, 'bench/load.py', '--docs', '2000', '--seconds', '20', '--searchers', '2', '--kill', 'shard',
+         '--workdir', str(tmp_path / 'load'), '--out', str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / 'load-kill-shard.json').read_text())
+    assert result['wrong_answers'] == 0 and result['searches_per_s'] > 0 and result['writes_per_s'] > 0
+    assert set(result['errors']) <= {'did not answer', 'UNAVAILABLE', 'is loading', 'Connection refused'}, result['errors']
+    assert result['service_exited_s_after_kill'] is not None and result['serving_again_s_after_kill'] > 0
+    verified = result['verify']
+    assert verified['acknowledged_checked'] > 2000 and verified['documents_consistent'], verified
+    assert (verified['lost'], verified['deleted_but_found']) == (0, []), verified

@@ -111,8 +111,12 @@ def test_by_default_a_dead_shard_stops_the_service_for_its_manager_to_restart(tm
     service.client().index([Document(id=f'r-{i}', text=f'restart sentence {i}') for i in range(30)])
     before = service.client().status()
     os.kill(shard_pids(service)[2], signal.SIGKILL)
+    killed = time.monotonic()
     assert service.process.wait(timeout=60) == 1  # a service manager would now restart it
-    assert 'indexer/shard-2/rep-0 exited unexpectedly' in service.log()
+    seconds = time.monotonic() - killed
+    assert seconds < 3, f'the service exited {seconds:.1f} s after its shard died'
+    (line,) = [line for line in service.log().splitlines() if 'exited unexpectedly' in line]
+    assert line.startswith('clip-search: indexer/shard-2/rep-0 exited unexpectedly'), line
     assert service.processes() == []  # the rest of the Flow was closed, nothing left behind
 
     client = service_factory(shards=3, workspace=workspace).client()

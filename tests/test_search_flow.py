@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 
 import numpy as np
 import pytest
@@ -197,6 +198,8 @@ def test_bad_search_parameters_are_refused_by_name(service):
         client.search(['parameters'], filter={'price': {'$lt': 3}})
     with pytest.raises(RequestError, match='malformed'):
         client.search(['parameters'], filter={'color': {'$like': 'r%'}})
+    with pytest.raises(RequestError, match=re.escape('asks for 2,560,000 matches (256 queries x limit 10,000); the cap is 100,000 (max_matches)')):
+        client.search([f'query {i}' for i in range(256)], limit=10_000, batch_size=256)
     # and the service still answers afterwards
     assert client.search(['parameters'], limit=1)[0].matches[0].id == 'param-doc'
 
@@ -226,6 +229,32 @@ def test_documents_carrying_their_embedding_are_indexed_as_given(service):
     match = client.search([Document(embedding=vector)], limit=1)[0].matches[0]
     assert match.id == 'given-embedding'
     assert match.scores['cosine'].value == pytest.approx(0.0, abs=1e-5)
+
+
+def test_a_query_carrying_its_embedding_skips_the_encoder_and_finds_what_its_text_finds(service):
+    """The gateway sends /search straight to the encoder and the indexer, and a query that already has
+    its embedding past the encoder (clip_search/gateway.py): the routes show it, the answers are the same."""
+    from jina import Client as JinaClient
+
+    client = service.client()
+    client.index([Document(id=f'direct-{i}', text=f'a direct search for {word}') for i, word in enumerate(WORDS)])
+    text = 'a direct search for mountain'
+    [embedding] = client.encode([text])
+    jina_client = JinaClient(host=service.address)
+
+    def search(query: Document):
+        [response] = jina_client.post('/search', inputs=DocumentArray([query]), parameters={'limit': 5}, return_responses=True)
+        matches = response.docs[0].matches
+        return [route.executor for route in response.routes], [(m.id, m.scores['cosine'].value) for m in matches]
+
+    text_routes, by_text = search(Document(text=text))
+    embedding_routes, by_embedding = search(Document(embedding=embedding))
+    assert text_routes[:2] == ['gateway', 'encoder'] and 'indexer' in text_routes
+    assert embedding_routes[0] == 'gateway' and 'encoder' not in embedding_routes and 'indexer' in embedding_routes
+    assert by_embedding == by_text
+    assert by_text[0][0] == 'direct-8'  # 'mountain' is WORDS[8]: the query's own text
+    with pytest.raises(RequestError, match="document 'empty-query': it is empty"):  # no embedding: the encoder judges it
+        client.search([Document(id='empty-query')])
 
 
 def test_images_are_fetched_from_http_urls(service, tmp_path):
@@ -258,6 +287,22 @@ def test_long_jobs_show_a_progress_bar_and_accept_generators(service, capfd):
     client.index(['one more short job'], show_progress=False)
     assert 'ETA' not in capfd.readouterr().out
     assert client.search(['progress sentence 59'], limit=1)[0].matches[0].text == 'progress sentence 59'
+
+
+def test_a_generator_is_indexed_as_it_is_read_not_read_first(service):
+    client = Client(service.address, in_flight=2)
+    before = client.status()['documents']
+    indexed_while_reading = {}
+
+    def sentences():
+        for i in range(40):
+            if i in (0, 15):  # batches of 5, 2 in flight: batch 4 (from 15) is read once batches 1 and 2 are answered
+                indexed_while_reading[i] = client.status()['documents'] - before
+            yield Document(id=f'lazy-{i}', text=f'lazy sentence {i}')
+
+    assert client.index(sentences(), batch_size=5) == [f'lazy-{i}' for i in range(40)]  # the acknowledged ids
+    assert indexed_while_reading[0] == 0 and indexed_while_reading[15] >= 10  # read 40 first: 0 stored at 15
+    assert client.status()['documents'] - before == 40
 
 
 def test_answers_come_back_in_the_order_of_the_inputs(service):

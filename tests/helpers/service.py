@@ -72,6 +72,20 @@ def flow_polling_index(directory: str | Path, polling: str) -> Path:
     return path
 
 
+def flow_compressed(directory: str | Path, pq_train_size: int, polling: str = 'ANY') -> Path:
+    """The shipped Flow with the indexer's ``pq_train_size`` set, as a user would edit it (``--pq`` turns PQ on)."""
+    import yaml
+
+    source = flow_polling_index(directory, polling) if polling != 'ANY' else FLOW_FILE
+    config = yaml.safe_load(Path(source).read_text())
+    indexer = next(executor for executor in config['executors'] if executor['uses'] == 'AnnLiteIndexer')
+    indexer['uses_with']['pq_train_size'] = pq_train_size
+    path = Path(directory) / f'search_flow_pq_{polling.lower()}.yml'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 class Service:
     """A clip-search server started with ``python -m clip_search`` in a subprocess."""
 
@@ -153,18 +167,20 @@ def start_service(
     protocol: str = 'grpc',
     cwd: str | Path | None = None,
     wait_searchable: bool = True,
+    python: str = sys.executable,
 ) -> Service:
     """Start the service on a free port and wait until the Flow answers; raise with its log if not.
 
     ``wait_searchable`` also waits until no shard says it is loading its index.
 
     ``flow_file=None`` leaves the flow argument out (the CLI then serves its default flow).
+    ``python`` (with ``cwd``) runs another checkout's service, e.g. a baseline in a benchmark.
     """
     port = free_port()
     log_path = Path(log_path or Path(workspace).with_name(Path(workspace).name + f'-{port}.log'))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, '-m', 'clip_search', *([str(flow_file)] if flow_file is not None else []),
+        python, '-m', 'clip_search', *([str(flow_file)] if flow_file is not None else []),
         '--port', str(port), '--model', str(model_dir), '--protocol', protocol,
         '--shards', str(shards), '--workspace', str(workspace), *extra_args,
     ]  # fmt: skip

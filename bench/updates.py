@@ -1,0 +1,77 @@
+"""Updates over and over: does a shard grow and slow down?
+
+    python bench/updates.py --docs 10000 --rounds 5 [--out bench/results/updates]
+
+One shard (the indexer alone, no Flow) of 64-d documents is indexed, then every document is
+updated (a new embedding) ``rounds`` times over, 500 a request. After the first indexing and after
+each round it reports the round's updates/s, the process's resident memory, the shard's folder on
+disk and ``unreclaimed_slots`` from /status (graph nodes of replaced documents, which annlite only
+marks deleted). The issue's target: the last round within 15% of the first indexing in memory and
+on disk, and at least 0.8x its rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import dir_size_mib, rss_mib, scratch_dir
+
+DIM, BATCH = 64, 500
+
+
+def main() -> None:
+    from docarray import Document, DocumentArray
+
+    from clip_search.executors.annlite_indexer import AnnLiteIndexer
+
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--docs', type=int, default=10_000)
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--out', help='write updates.json into this folder')
+    args = parser.parse_args()
+    workspace = scratch_dir('bench-updates-') / 'shard'
+    shard = AnnLiteIndexer(n_dim=DIM, metas={'workspace': str(workspace)})
+    rng = np.random.default_rng(1)
+    rows = []
+    for round_ in range(args.rounds + 1):
+        started = time.monotonic()
+        for start in range(0, args.docs, BATCH):
+            vectors = rng.normal(size=(min(BATCH, args.docs - start), DIM)).astype(np.float32)
+            batch = DocumentArray(Document(id=f'd{start + i}', embedding=v) for i, v in enumerate(vectors))
+            if round_ == 0:
+                shard.index(batch)
+            else:
+                shard.update(batch, parameters={})
+        seconds = time.monotonic() - started
+        while shard._snapshotting.is_set():  # the background snapshot's files count on disk
+            time.sleep(0.05)
+        (entry,) = shard.status()[0].tags['shards']
+        rows.append({
+            'round': round_,
+            'what': 'index' if round_ == 0 else 'update every document',
+            'docs_per_s': round(args.docs / seconds),
+            'rss_mib': round(rss_mib()),
+            'disk_mib': round(dir_size_mib(workspace)),
+            'unreclaimed_slots': int(entry['unreclaimed_slots']),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    shard.close()
+    first, last = rows[0], rows[-1]
+    result = {
+        'docs': args.docs,
+        'rounds': rows,
+        'last_over_first': {key: round(last[key] / first[key], 2) for key in ('docs_per_s', 'rss_mib', 'disk_mib')},
+    }
+    print(json.dumps(result['last_over_first']))
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / 'updates.json').write_text(json.dumps(result, indent=2) + '\n')
+
+
+if __name__ == '__main__':
+    main()

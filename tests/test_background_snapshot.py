@@ -1,0 +1,90 @@
+"""A snapshot runs off the request path: the write that makes one due is answered without waiting
+for it, searches answer while it runs, and a failed snapshot fails no write and is retried."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+from docarray import Document, DocumentArray
+
+from clip_search import shard_store
+from clip_search.executors.annlite_indexer import AnnLiteIndexer
+
+
+def open_shard(workspace, **settings) -> AnnLiteIndexer:
+    shard = AnnLiteIndexer(n_dim=4, metas={'workspace': str(workspace)}, **settings)
+    assert shard.wait_loaded(60)
+    return shard
+
+
+def docs(prefix: str, n: int, seed: int) -> DocumentArray:
+    vectors = np.random.default_rng(seed).normal(size=(n, 4)).astype(np.float32)
+    return DocumentArray(Document(id=f'{prefix}{i}', embedding=v) for i, v in enumerate(vectors))
+
+
+def newest_snapshot(workspace) -> int:
+    (folder,) = {p.parent.parent for p in workspace.rglob('snapshot-*/manifest.json')}
+    return shard_store.generations(folder, shard_store.SNAPSHOT)[-1]
+
+
+def wait_for_snapshot(shard: AnnLiteIndexer, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while shard._snapshotting.is_set():  # set by the write that started it, cleared when it ends
+        assert time.monotonic() < deadline, 'the snapshot never ended'
+        time.sleep(0.01)
+
+
+def test_a_write_and_searches_are_answered_while_the_snapshot_it_started_runs(tmp_path, monkeypatch):
+    shard = open_shard(tmp_path, snapshot_every=10)
+    shard.index(docs('a', 5, seed=1))
+    started, release = threading.Event(), threading.Event()
+    real_write = shard_store.write_snapshot
+
+    def slow_write(*args, **kwargs):  # a snapshot that lasts until the test lets it finish
+        started.set()
+        assert release.wait(60)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(shard_store, 'write_snapshot', slow_write)
+    before = newest_snapshot(tmp_path)
+    shard.index(docs('b', 10, seed=2))  # past snapshot_every: answered, the snapshot runs on
+    assert started.wait(30)
+    queries = docs('q', 3, seed=2)  # the b documents' own embeddings
+    answers = shard.search(queries, parameters={'limit': 1})
+    assert [a.matches[0].id for a in answers] == ['b0', 'b1', 'b2']
+    assert newest_snapshot(tmp_path) == before  # still running
+    release.set()
+    wait_for_snapshot(shard)
+    assert newest_snapshot(tmp_path) > before
+    shard.close()
+
+
+def test_a_failed_snapshot_fails_no_write_is_logged_and_retried(tmp_path, monkeypatch):
+    shard = open_shard(tmp_path, snapshot_every=10)
+    logged: list[str] = []
+    monkeypatch.setattr(shard.logger, 'error', logged.append)
+    real_write = shard_store.write_snapshot
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(shard_store, 'write_snapshot', full_disk)
+    before = newest_snapshot(tmp_path)
+    shard.index(docs('a', 12, seed=1))  # durable and searchable although its snapshot fails
+    wait_for_snapshot(shard)
+    assert logged == ["shard 0: snapshot failed, retried after the next write: OSError(28, 'No space left on device')"]
+    assert newest_snapshot(tmp_path) == before
+    assert shard.search(docs('q', 1, seed=1), parameters={'limit': 1})[0].matches[0].id == 'a0'
+
+    monkeypatch.setattr(shard_store, 'write_snapshot', real_write)  # the disk has room again
+    shard.index(docs('b', 1, seed=2))  # one write, far below snapshot_every: the retry follows it
+    wait_for_snapshot(shard)
+    retried = newest_snapshot(tmp_path)
+    assert retried > before and len(logged) == 1
+    shard.close()  # nothing changed since: no snapshot of its own
+    shard = open_shard(tmp_path)
+    assert shard.loaded_how == f'loaded snapshot-{retried} (13 documents) and replayed 0 changed ids'
+
+    shard.close()

@@ -1,0 +1,69 @@
+"""One request cannot take a shard's memory: a search asks a shard for at most ``max_matches``
+matches (queries x limit), and the exact fallback holds one chunk of candidates at a time."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from docarray import Document, DocumentArray
+
+from clip_search import exact_search as exact
+from clip_search.executors.annlite_indexer import AnnLiteIndexer
+
+
+def open_shard(workspace, **settings) -> AnnLiteIndexer:
+    return AnnLiteIndexer(n_dim=8, metas={'workspace': str(workspace)}, columns=[['color', 'str']], **settings)
+
+
+def queries(n: int, seed: int = 1) -> DocumentArray:
+    rng = np.random.default_rng(seed)
+    return DocumentArray(Document(embedding=rng.normal(size=8).astype(np.float32)) for _ in range(n))
+
+
+def test_a_search_asking_for_more_matches_than_the_cap_is_refused_naming_it(tmp_path):
+    shard = open_shard(tmp_path)
+    shard.index(DocumentArray(Document(id=f'd{i}', embedding=q.embedding) for i, q in enumerate(queries(20))))
+    message = (
+        'the request asks for 2,560,000 matches (256 queries x limit 10,000); the cap is 100,000 (max_matches): '
+        'send fewer queries per request or a smaller limit'
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        shard.search(queries(256), parameters={'limit': 10_000})
+    assert len(shard.search(queries(10), parameters={'limit': 10_000})[0].matches) == 20  # 100,000 exactly: served
+    shard.close()
+
+    shard = open_shard(tmp_path, max_matches=50)  # uses_with.max_matches in the YAML
+    assert shard.wait_loaded(60)
+    with pytest.raises(ValueError, match=re.escape('asks for 60 matches (6 queries x limit 10); the cap is 50 (max_matches)')):
+        shard.search(queries(6), parameters={})
+    assert [len(q.matches) for q in shard.search(queries(5), parameters={})] == [10] * 5
+    shard.close()
+
+
+def test_the_exact_search_reads_a_chunk_of_candidates_at_a_time_and_then_only_the_matches(tmp_path, monkeypatch):
+    shard = open_shard(tmp_path)
+    rng = np.random.default_rng(2)
+    vectors = rng.normal(size=(1000, 8)).astype(np.float32)
+    colors = ['red', 'blue', 'green']
+    shard.index(DocumentArray(Document(id=f'v{i}', embedding=v, tags={'color': colors[i % 3]}) for i, v in enumerate(vectors)))
+    shard.delete(DocumentArray(Document(id=f'v{i}') for i in range(0, 1000, 7)))
+    reads: list[int] = []
+    store = shard._index.doc_store(0)
+    original_get = type(store).get
+    monkeypatch.setattr(type(store), 'get', lambda self, ids: reads.append(len(ids)) or original_get(self, ids))
+    asked = queries(4, seed=3)
+    exact.exact_search(shard._index, asked, {'color': {'$eq': 'red'}}, limit=5, chunk=100)
+
+    passing = [i for i in range(1000) if i % 3 == 0 and i % 7]  # red, not deleted
+    assert reads == [100] * (len(passing) // 100) + [len(passing) % 100] + [5] * 4  # chunks, then each query's 5
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    for query in asked:
+        q = query.embedding / np.linalg.norm(query.embedding)
+        distances = {f'v{i}': 1.0 - float(unit[i] @ q) for i in passing}
+        expected = sorted(distances, key=lambda i: distances[i])[:5]
+        assert query.matches[:, 'id'] == expected
+        assert [m.scores['cosine'].value for m in query.matches] == pytest.approx([distances[i] for i in expected], abs=1e-5)
+        assert all(m.tags['color'] == 'red' for m in query.matches)
+    shard.close()

@@ -1,0 +1,130 @@
+"""A shard killed at any step of a write or a snapshot restarts with exactly what that step left
+durable, loading its snapshot (no rebuild from the document store); a journal cut at any byte
+keeps its whole records and takes new ones after them; a replace journal outlives no later write."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from docarray import Document, DocumentArray
+
+from clip_search import faults, shard_store
+from clip_search.executors import annlite_indexer
+from clip_search.executors.annlite_indexer import REPLACE_JOURNAL, AnnLiteIndexer
+
+LOADED = r'loaded snapshot-\d+ \(\d+ documents\) and replayed \d+ changed ids'
+
+
+def open_shard(workspace, **settings) -> AnnLiteIndexer:
+    shard = AnnLiteIndexer(n_dim=4, metas={'workspace': str(workspace)}, columns=[['color', 'str']], **settings)
+    assert shard.wait_loaded(60)
+    return shard
+
+
+def doc(doc_id: str, text: str, seed: int) -> Document:
+    embedding = np.random.default_rng(seed).normal(size=4).astype(np.float32)
+    return Document(id=doc_id, text=text, tags={'color': 'red'}, embedding=embedding)
+
+
+def stored_texts(shard: AnnLiteIndexer) -> dict[str, str]:
+    """What search finds: every id's text, by asking for each stored embedding's nearest match."""
+    everything = shard._index.doc_store(0).get([f'a{i}' for i in range(10)] + ['new'])
+    answers = shard.search(DocumentArray(Document(embedding=d.embedding) for d in everything), parameters={'limit': 1})
+    found = {answer.matches[0].id: answer.matches[0].text for answer in answers}
+    assert set(found) == set(everything[:, 'id'])  # the graph and the store agree
+    return found
+
+
+# one /index that replaces a3 (indexed, acknowledged) and adds 'new', cut short at each step
+WRITE = "shard.index(DocumentArray([doc('a3', 'never acknowledged', 99), doc('new', 'never acknowledged', 98)]))"
+CHILD = '''
+import sys, time
+from docarray import DocumentArray
+sys.path.insert(0, {tests!r})
+from test_crash_consistency import open_shard, doc
+shard = open_shard({workspace!r}, snapshot_every={snapshot_every})
+{write}
+while shard._snapshotting.is_set():  # a snapshot runs in the background: let it reach its step
+    time.sleep(0.01)
+'''
+
+
+@pytest.mark.parametrize(
+    'step, new_kept',
+    [('after-journal', False), ('after-graph', False), ('after-store', True), ('mid-snapshot', True)],
+)
+def test_a_shard_killed_at_each_step_of_a_write_restarts_with_the_acknowledged_state(tmp_path, step, new_kept):
+    shard = open_shard(tmp_path)
+    shard.index(DocumentArray(doc(f'a{i}', f'acknowledged {i}', i) for i in range(10)))
+    shard.close()  # a snapshot of the ten
+    child = CHILD.format(
+        tests=str(Path(__file__).parent), workspace=str(tmp_path), write=WRITE,
+        snapshot_every=1 if step == 'mid-snapshot' else 20000,  # 1: the write is followed by a snapshot
+    )  # fmt: skip
+    result = subprocess.run([sys.executable, '-c', child], env={**os.environ, faults.ENVIRONMENT: step},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == faults.EXIT_CODE, result.stderr[-2000:]
+
+    shard = open_shard(tmp_path)
+    assert re.fullmatch(LOADED, shard.loaded_how), shard.loaded_how  # the snapshot, never a rebuild
+    expected = {f'a{i}': f'acknowledged {i}' for i in range(10)}
+    if step == 'mid-snapshot':  # the write was whole, in the store and the graph, when the snapshot began
+        expected.update({'a3': 'never acknowledged', 'new': 'never acknowledged'})
+    elif new_kept:  # in the store, not answered: a new id stays, a replaced one goes back to its old version
+        expected['new'] = 'never acknowledged'
+    assert stored_texts(shard) == expected
+    assert shard._index.total_docs == len(expected) and not list(tmp_path.rglob(REPLACE_JOURNAL))
+    shard.close()
+    assert re.fullmatch(LOADED, open_shard(tmp_path).loaded_how)  # and the next start too
+
+
+def test_a_journal_cut_at_any_byte_keeps_its_whole_records_and_appends_after_them(tmp_path):
+    folder = tmp_path / 'whole'
+    folder.mkdir()
+    journal = shard_store.Journal(folder, 0)
+    written = [[f'r{n}-{i}' for i in range(n % 3 + 1)] for n in range(20)]
+    ends = []
+    for ids in written:
+        journal.record('put', ids)
+        ends.append(shard_store.journal_path(folder, 0).stat().st_size)
+    journal.close()
+    data = shard_store.journal_path(folder, 0).read_bytes()
+    for cut in sorted(np.random.default_rng(5).choice(len(data), size=25, replace=False).tolist()) + [len(data)]:
+        torn = tmp_path / f'cut-{cut}'
+        torn.mkdir()
+        shard_store.journal_path(torn, 0).write_bytes(data[:cut])
+        whole = [ids for ids, end in zip(written, ends) if end <= cut]
+        assert shard_store.journalled_ids(torn, 0) == [i for ids in whole for i in ids]
+        reopened = shard_store.Journal(torn, 0)  # a restart: the torn tail is cut before appending
+        reopened.record('del', ['after-restart'])
+        reopened.close()
+        assert shard_store.journalled_ids(torn, 0) == [i for ids in whole for i in ids] + ['after-restart']
+
+
+def test_a_replace_whose_restore_failed_is_restored_before_the_next_write(tmp_path, monkeypatch):
+    shard = open_shard(tmp_path)
+    shard.index(DocumentArray(doc(f'a{i}', f'acknowledged {i}', i) for i in range(10)))
+    real_index, real_restore = shard._index.index, annlite_indexer._restore_interrupted_replace
+
+    def failing(*args, **kwargs):
+        raise OSError('disk full')
+
+    monkeypatch.setattr(shard._index, 'index', failing)  # the insert of the replace fails ...
+    monkeypatch.setattr(annlite_indexer, '_restore_interrupted_replace', failing)  # ... and so does its restore
+    with pytest.raises(OSError, match='disk full'):
+        shard.update(DocumentArray([doc('a1', 'never acknowledged', 97)]), parameters={})
+    assert len(list(tmp_path.rglob(REPLACE_JOURNAL))) == 1  # a1's old version waits there
+    monkeypatch.setattr(shard._index, 'index', real_index)
+    monkeypatch.setattr(annlite_indexer, '_restore_interrupted_replace', real_restore)
+
+    shard.update(DocumentArray([doc('a2', 'updated', 96)]), parameters={})  # the next replace restores a1 first
+    expected = {f'a{i}': f'acknowledged {i}' for i in range(10)}
+    expected['a2'] = 'updated'
+    assert stored_texts(shard) == expected and not list(tmp_path.rglob(REPLACE_JOURNAL))
+    shard.close()
