@@ -165,6 +165,8 @@ class IndexRun:
 
     def _documents(self, loaded: Iterator) -> Iterator[Document]:
         for entry, doc in loaded:
+            if self.stop.is_set():  # Ctrl-C: what is read ahead is not sent
+                return
             if isinstance(doc, Failure):
                 self._fail(doc.source, doc.id, doc.reason)
                 continue

@@ -227,3 +227,14 @@ def _image_doc(root: Path, rel: str):
     from docarray import Document
 
     return Document(id=rel, uri=str((root / rel).resolve()), blob=(root / rel).read_bytes())
+
+
+def test_a_batch_of_large_photos_closes_at_its_byte_bound_not_its_count():
+    from docarray import Document
+
+    from clip_search.client import BATCH_BYTES, batches
+
+    photos = [Document(id=f'p{i}', blob=bytes(BATCH_BYTES // 3)) for i in range(7)]  # a third of the bound each
+    huge = Document(id='huge', blob=bytes(BATCH_BYTES + 1))  # alone, the server says whether it is too large
+    ids = [b[:, 'id'] for b in batches(iter([*photos, huge, Document(id='t', text='a caption')]), batch_size=64)]
+    assert ids == [['p0', 'p1', 'p2'], ['p3', 'p4', 'p5'], ['p6'], ['huge'], ['t']]
