@@ -104,6 +104,7 @@ def markdown(results: dict) -> str:
             f'| {row["shards"]} | {row["startup_s"]:.0f} | {row["index_docs_per_s"]:.0f} | {row["p50_ms"]:.1f} | '
             f'{row["p99_ms"]:.1f} | {row["recall_at_10"]:.3f} | {row["rss_mib"]:.0f} |'
         )
+    lines += throughput_section(results['throughput'])
     lines += [
         '',
         '## Scaling: our indexer (one shard, in-process) as the collection grows',
@@ -121,6 +122,35 @@ def markdown(results: dict) -> str:
         lines += ['', f'Stopped at {reached:,} of {planned:,} vectors: the time budget ({size["scaling_budget_s"]} s) ran out.']
     lines += ['', '![overview](overview.png)', '', '![scaling](scaling.png)', '']
     return '\n'.join(lines)
+
+
+def throughput_section(run: dict) -> list[str]:
+    """CPU per search by process, and searches/s under concurrent clients (bench/throughput.py)."""
+    c = run['concurrent']
+    processes = sorted(run['embedding']['by_process_ms'], key=lambda name: -run['embedding']['by_process_ms'][name])
+    lines = [
+        '',
+        f'## Throughput: {run["shards"]} shards, {run["docs"]:,} 64-d documents, the unmodified jina.Client',
+        '',
+        'Server CPU per search is the user + system time of every process of the service over '
+        f'{run["embedding"]["searches"]} sequential one-query searches; then {c["clients"]} client processes search '
+        f'at once for {c["seconds"]:.0f} s (bench/throughput.py).',
+        '',
+        '| query | searches/s, one client | server CPU ms per search | ' + ' | '.join(processes) + ' |',
+        '|---|---:|---:|' + '---:|' * len(processes),
+    ]
+    for kind in ('embedding', 'text'):
+        row = run[kind]
+        per = ' | '.join(f'{row["by_process_ms"].get(name, 0.0):.2f}' for name in processes)
+        lines.append(f'| {kind} | {row["searches_per_s"]:.0f} | {row["server_cpu_ms_per_search"]:.1f} | {per} |')
+    lines += [
+        '',
+        '| concurrent clients | searches/s | p50 ms | p99 ms | server CPU ms per search | wrong answers | errors |',
+        '|---:|---:|---:|---:|---:|---:|---:|',
+        f'| {c["clients"]} | {c["searches_per_s"]:.0f} | {c["p50_ms"]:.0f} | {c["p99_ms"]:.0f} | '
+        f'{c["server_cpu_ms_per_search"]:.1f} | {c["wrong"] + run["embedding"]["wrong"]} | {c["error_count"]} |',
+    ]
+    return lines
 
 
 def _num(value, spec: str = '.2f') -> str:

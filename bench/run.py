@@ -14,7 +14,9 @@ Sections, each in processes of its own (annlite and hnswlib cannot share one):
   (one query per call, one thread), recall@10, memory;
 * flow: the real service over gRPC with 1, 2 and 5 shards: index throughput, search p50/p99, and
   the Flow's overhead over a direct call of the indexer;
-* scaling: our indexer's search latency, recall and memory as the collection grows.
+* scaling: our indexer's search latency, recall and memory as the collection grows;
+* throughput: the service's CPU per search, by process, and searches/s with 8 concurrent clients
+  (bench/throughput.py: 2 shards, 64-d documents, the unmodified jina.Client).
 
 Writes ``results.md``, ``results.json`` and PNG plots to ``--out``; the last line printed is
 ``encode_vs_clip_server=X search_qps_vs_hnswlib=Y recall@10=Z`` (ours over theirs).
@@ -49,13 +51,16 @@ CLIP_SERVER_PACKAGES = ['clip-server==0.8.3', 'open_clip_torch==2.8.2', 'pillow-
 SIZES = {
     'full': {'vectors': 100_000, 'queries': 1000, 'search_rounds': 5, 'texts': 512, 'images': 128, 'rounds': 3,
              'shards': [1, 2, 5], 'flow_queries': 500, 'scaling': [10_000, 30_000, 100_000, 300_000, 1_000_000],
-             'scaling_queries': 300, 'scaling_budget_s': 3 * 3600},
+             'scaling_queries': 300, 'scaling_budget_s': 3 * 3600,
+             'throughput': {'docs': 20_000, 'searches': 300, 'clients': 8, 'seconds': 60}},
     'quick': {'vectors': 20_000, 'queries': 500, 'search_rounds': 5, 'texts': 256, 'images': 48, 'rounds': 3,
               'shards': [1, 2, 5], 'flow_queries': 200, 'scaling': [10_000, 20_000, 50_000],
-              'scaling_queries': 200, 'scaling_budget_s': 90},
+              'scaling_queries': 200, 'scaling_budget_s': 90,
+              'throughput': {'docs': 20_000, 'searches': 200, 'clients': 8, 'seconds': 20}},
     'tiny': {'vectors': 2_000, 'queries': 100, 'search_rounds': 2, 'texts': 16, 'images': 4, 'rounds': 1,
              'shards': [1, 2], 'flow_queries': 30, 'scaling': [1_000, 2_000],
-             'scaling_queries': 30, 'scaling_budget_s': 30},
+             'scaling_queries': 30, 'scaling_budget_s': 30,
+             'throughput': {'docs': 2_000, 'searches': 20, 'clients': 2, 'seconds': 3}},
 }  # fmt: skip
 
 
@@ -209,6 +214,19 @@ def bench_flow(size: dict, data: Path) -> list[dict]:
     return rows
 
 
+def bench_throughput(size: dict) -> dict:
+    """bench/throughput.py at this size: CPU per search by process, and searches/s under concurrent clients."""
+    settings = size['throughput']
+    with tempfile.TemporaryDirectory(prefix='bench-throughput-') as tmp:
+        options = [f'--{key}={value}' for key, value in settings.items()]
+        subprocess.run([sys.executable, str(BENCH / 'throughput.py'), *options, '--out', tmp], check=True, env=worker_env())
+        run = json.loads((Path(tmp) / 'results.json').read_text())['runs'][0]
+    c = run['concurrent']
+    log(f'throughput: {run["embedding"]["server_cpu_ms_per_search"]:.1f} ms CPU per search, '
+        f'{c["clients"]} clients {c["searches_per_s"]:.0f} searches/s')  # fmt: skip
+    return run
+
+
 def bench_scaling(size: dict) -> list[dict]:
     task = {'lib': 'scaling', 'sizes': size['scaling'], 'n_queries': size['scaling_queries'],
             'clusters': 100, 'deadline': time.monotonic() + size['scaling_budget_s']}  # fmt: skip
@@ -281,6 +299,7 @@ def main() -> None:
         results['search'] = bench_search(size, data, out)
         results['flow'] = bench_flow(size, data)
     results['scaling'] = bench_scaling(size)
+    results['throughput'] = bench_throughput(size)
     results['machine']['load_average_end'] = os.getloadavg()
     results['machine']['seconds'] = round(time.monotonic() - started)
     results['summary'] = summary(results)

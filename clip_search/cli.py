@@ -112,6 +112,7 @@ def serve(
     the search page is served on it while the Flow runs. Returns the exit code.
     """
     stop_event = stop_event or threading.Event()
+    use_uvloop_in_every_process()
     flow = build_flow(config)
     protocol = str((config.get('with') or {}).get('protocol', 'grpc'))
     scheme = {'websocket': 'ws'}.get(protocol, protocol) + ('s' if (config.get('gateway') or {}).get('ssl_certfile') else '')
@@ -135,6 +136,22 @@ def serve(
                     break
     print('clip-search stopped; the index is saved in its workspace', flush=True)
     return exit_code
+
+
+def use_uvloop_in_every_process() -> None:
+    """Run the event loops of the gateway and every executor on uvloop rather than asyncio's own.
+
+    Jina means to (``jina.helper._update_policy``), but sets the policy only where it asks for a
+    loop itself, never in the runtimes it forks from this process, which make theirs with
+    ``asyncio.new_event_loop()``: every process of the Flow ran asyncio's pure-Python loop, and its
+    selector and callbacks were a large share of the CPU a search costs (bench/throughput.py).
+    Set here, before the Flow forks them, the policy reaches all of them.
+    """
+    import asyncio
+
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @contextlib.contextmanager

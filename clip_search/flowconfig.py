@@ -164,10 +164,12 @@ def use_checked_gateway(config: dict) -> None:
     protocol = str((config.get('with') or {}).get('protocol', 'grpc')).lower()
     if gateway.get('uses') or protocol not in GATEWAY_CLASSES:
         return
-    indexer = find_executor(config, INDEXER_CLASS)
+    indexer, encoder = find_executor(config, INDEXER_CLASS), find_executor(config, ENCODER_CLASS)
     gateway['uses'] = GATEWAY_CLASSES[protocol]
     gateway['py_modules'] = [*(gateway.get('py_modules') or []), GATEWAY_MODULE]
-    _section(gateway, 'uses_with')['indexer'] = indexer.setdefault('name', 'indexer')
+    gateway_with = _section(gateway, 'uses_with')
+    gateway_with['indexer'] = indexer.setdefault('name', 'indexer')
+    gateway_with['encoder'] = encoder.setdefault('name', 'encoder')
 
 
 def normalise_executor(executor: dict) -> list[str]:

@@ -1,4 +1,4 @@
-"""The gateway ``python -m clip_search`` serves: Jina's own, plus an all-or-nothing /update.
+"""The gateway ``python -m clip_search`` serves: Jina's own, plus an all-or-nothing /update and a direct /search.
 
 An /update must change nothing on any shard when one of its ids is indexed nowhere, but no shard
 knows what the others hold (with /index polled ANY, a copy may be on any shard). The gateway is the
@@ -7,7 +7,12 @@ the indexer as a check pass (``UPDATE_CHECK``: each shard says which ids it hold
 refuses the request if one is held nowhere), and only then the request itself, through the encoder
 as usual. A refusal is answered with the merger's error, as any failed request is.
 
-Jina has no hook for this; its custom-gateway classes are the documented extension point, so one
+A /search goes straight to the encoder and then the indexer (``direct_search_handler``): Jina's path
+deep-copies the whole topology graph and re-parses the parameters at every node of every request,
+which cost more CPU than the search itself. A query that already carries its embedding skips the
+encoder, which would pass it through untouched.
+
+Jina has no hook for either; its custom-gateway classes are the documented extension point, so one
 subclass per protocol wraps the request handler every protocol shares (``RequestStreamer``).
 """
 
@@ -19,6 +24,7 @@ from typing import Callable
 from docarray import Document, DocumentArray
 from jina.proto import jina_pb2
 from jina.serve.runtimes.gateway.grpc import GRPCGateway
+from jina.serve.runtimes.helper import _is_param_for_specific_executor
 from jina.serve.runtimes.gateway.http import HTTPGateway
 from jina.serve.runtimes.gateway.websocket import WebSocketGateway
 from jina.types.request.data import DataRequest
@@ -28,11 +34,15 @@ from clip_search.sharding import UPDATE_CHECK
 
 
 class _UpdateCheck:
-    """Mixin for a Jina gateway class: every /update is preceded by a check pass on ``indexer``."""
+    """Mixin for a Jina gateway class: every /update is preceded by a check pass on ``indexer``, and
+    a /search goes straight through ``encoder`` and ``indexer``."""
 
-    def __init__(self, indexer: str = 'indexer', **kwargs):
-        """:param indexer: the name of the indexer's deployment in the Flow (the CLI sets it from the YAML)"""
+    def __init__(self, indexer: str = 'indexer', encoder: str = 'encoder', **kwargs):
+        """:param indexer: the name of the indexer's deployment in the Flow (the CLI sets it from the YAML)
+        :param encoder: the name of the encoder's deployment (likewise)
+        """
         self.indexer = indexer  # before Jina's __init__, which builds the request handler
+        self.encoder = encoder
         prefetch.install()  # the gateway's prefetch limit waits instead of spinning a core
         super().__init__(**kwargs)
 
@@ -40,9 +50,9 @@ class _UpdateCheck:
         # here, not in a shard or the merger: only the gateway sees every shard before any applies, in one client call
         handler = super()._get_request_handler()
         streamer = handler.streamer  # Jina's GatewayStreamer; its RequestStreamer serves every protocol
-        streamer._streamer._request_handler = checked_update_handler(
-            streamer._streamer._request_handler, streamer._connection_pool, self.indexer
-        )
+        pool, graph = streamer._connection_pool, streamer.topology_graph
+        route = checked_update_handler(streamer._streamer._request_handler, pool, self.indexer)
+        streamer._streamer._request_handler = direct_search_handler(route, pool, graph, self.encoder, self.indexer)
         return handler
 
 
@@ -81,6 +91,78 @@ async def _check_pass(connection_pool, indexer: str, request: DataRequest):
     request.header.status.CopyFrom(response.header.status)
     request.data.docs = DocumentArray()
     return request
+
+
+def direct_search_handler(handle: Callable, connection_pool, graph, encoder: str, indexer: str) -> Callable:
+    """Jina's request handler with /search sent straight to the encoder, then the indexer.
+
+    Only for the Flow it was written for (encoder -> indexer, nothing else); a request aimed at one
+    executor (``target_executor``, ``executor__key`` parameters) and anything that fails on the way
+    take Jina's own path, which also words the network errors (a search can be sent twice).
+    """
+    nodes = {node.name: node for node in graph.all_nodes if node.name != '__end_gateway__'}
+    if set(nodes) != {encoder, indexer} or [n.name for n in nodes[encoder].outgoing_nodes] != [indexer]:
+        return handle
+    send_to = {name: _sender(connection_pool, node) for name, node in nodes.items()}
+
+    def handle_request(request: DataRequest, return_type=DocumentArray):
+        if request.header.exec_endpoint != '/search' or not _plain_request(request):
+            return handle(request=request, return_type=return_type)
+
+        async def search() -> DataRequest:
+            try:
+                return await _direct_search(request, send_to[encoder], send_to[indexer])
+            except Exception:  # noqa: BLE001 - Jina's path answers, with Jina's own error
+                response, _floating = handle(request=request, return_type=return_type)
+                return await response
+
+        return asyncio.ensure_future(search()), None
+
+    return handle_request
+
+
+def _sender(connection_pool, node) -> Callable:
+    """Send requests to one deployment as Jina's graph node would (its timeout, retries and metadata)."""
+
+    async def send(request: DataRequest):
+        result = await connection_pool.send_requests_once(
+            requests=[request], deployment=node.name, metadata=node._metadata, head=True, endpoint='/search',
+            timeout=node._timeout_send, retries=node._retries,
+        )  # fmt: skip
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    return send
+
+
+async def _direct_search(request: DataRequest, encode: Callable, search: Callable) -> DataRequest:
+    """The encoder (unless every query has its embedding), then the indexer; an error answer stops there."""
+    route = jina_pb2.RouteProto(executor='gateway')
+    route.start_time.GetCurrentTime()
+    response, metadata = request, {}
+    if not queries_carry_embeddings(request):
+        response, metadata = await encode(response)
+    if 'is-error' not in metadata:
+        response, metadata = await search(response)
+    route.end_time.GetCurrentTime()
+    response.routes.insert(0, route)
+    return response
+
+
+def _plain_request(request: DataRequest) -> bool:
+    """Not aimed at one executor: no ``target_executor`` and no ``executor__key`` parameter."""
+    keys = request.proto_wo_data.parameters.fields.keys()  # not request.parameters, which converts them all
+    return not request.header.target_executor and not any(_is_param_for_specific_executor(key) for key in keys)
+
+
+def queries_carry_embeddings(request: DataRequest) -> bool:
+    """Whether every document of the request is an embedding alone (no text, blob, tensor or uri), read
+    from the protobuf without making Documents: the encoder would pass such documents through untouched."""
+    data = request.proto_with_data.data
+    if data.WhichOneof('documents') != 'docs' or not data.docs.docs:
+        return False
+    return all(doc.HasField('embedding') and doc.WhichOneof('content') is None and not doc.uri for doc in data.docs.docs)
 
 
 class CheckedGRPCGateway(_UpdateCheck, GRPCGateway):

@@ -228,6 +228,32 @@ def test_documents_carrying_their_embedding_are_indexed_as_given(service):
     assert match.scores['cosine'].value == pytest.approx(0.0, abs=1e-5)
 
 
+def test_a_query_carrying_its_embedding_skips_the_encoder_and_finds_what_its_text_finds(service):
+    """The gateway sends /search straight to the encoder and the indexer, and a query that already has
+    its embedding past the encoder (clip_search/gateway.py): the routes show it, the answers are the same."""
+    from jina import Client as JinaClient
+
+    client = service.client()
+    client.index([Document(id=f'direct-{i}', text=f'a direct search for {word}') for i, word in enumerate(WORDS)])
+    text = 'a direct search for mountain'
+    [embedding] = client.encode([text])
+    jina_client = JinaClient(host=service.address)
+
+    def search(query: Document):
+        [response] = jina_client.post('/search', inputs=DocumentArray([query]), parameters={'limit': 5}, return_responses=True)
+        matches = response.docs[0].matches
+        return [route.executor for route in response.routes], [(m.id, m.scores['cosine'].value) for m in matches]
+
+    text_routes, by_text = search(Document(text=text))
+    embedding_routes, by_embedding = search(Document(embedding=embedding))
+    assert text_routes[:2] == ['gateway', 'encoder'] and 'indexer' in text_routes
+    assert embedding_routes[0] == 'gateway' and 'encoder' not in embedding_routes and 'indexer' in embedding_routes
+    assert by_embedding == by_text
+    assert by_text[0][0] == 'direct-8'  # 'mountain' is WORDS[8]: the query's own text
+    with pytest.raises(RequestError, match="document 'empty-query': it is empty"):  # no embedding: the encoder judges it
+        client.search([Document(id='empty-query')])
+
+
 def test_images_are_fetched_from_http_urls(service, tmp_path):
     import functools
     import http.server

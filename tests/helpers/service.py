@@ -153,18 +153,20 @@ def start_service(
     protocol: str = 'grpc',
     cwd: str | Path | None = None,
     wait_searchable: bool = True,
+    python: str = sys.executable,
 ) -> Service:
     """Start the service on a free port and wait until the Flow answers; raise with its log if not.
 
     ``wait_searchable`` also waits until no shard says it is loading its index.
 
     ``flow_file=None`` leaves the flow argument out (the CLI then serves its default flow).
+    ``python`` (with ``cwd``) runs another checkout's service, e.g. a baseline in a benchmark.
     """
     port = free_port()
     log_path = Path(log_path or Path(workspace).with_name(Path(workspace).name + f'-{port}.log'))
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [
-        sys.executable, '-m', 'clip_search', *([str(flow_file)] if flow_file is not None else []),
+        python, '-m', 'clip_search', *([str(flow_file)] if flow_file is not None else []),
         '--port', str(port), '--model', str(model_dir), '--protocol', protocol,
         '--shards', str(shards), '--workspace', str(workspace), *extra_args,
     ]  # fmt: skip
