@@ -216,7 +216,7 @@ class IndexRun:
         if self.before:
             extras.append(f'{self.before:,} of them before --resume')
         if self.tally.skipped:
-            extras.append(f'{self.tally.skipped:,} other files skipped')
+            extras.append(f'{self.tally.skipped:,} other file{"s" if self.tally.skipped != 1 else ""} skipped')
         print(line + ''.join(f'; {e}' for e in extras), file=self.out, flush=True)
 
     def _resume_hint(self) -> str:
