@@ -45,9 +45,9 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     return {'index': index_parser, 'search': search_parser, 'status': status_parser, 'delete': delete_parser}
 
 
-def _connection_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def _connection_options(parser: argparse.ArgumentParser, timeout: float = 60.0) -> argparse.ArgumentParser:
     parser.add_argument('--server', default=DEFAULT_SERVER, help=f'the running service (default: {DEFAULT_SERVER})')
-    parser.add_argument('--timeout', type=float, default=60.0, help='seconds one request may take (default: 60)')
+    parser.add_argument('--timeout', type=float, default=timeout, help=f'seconds one request may take (default: {timeout:g})')
     return parser
 
 
@@ -67,7 +67,7 @@ def index_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE, help=f'documents per request (default: {DEFAULT_BATCH_SIZE})')
     parser.add_argument('--in-flight', type=int, default=IN_FLIGHT, help=f'requests awaiting an answer at once (default: {IN_FLIGHT})')
     parser.add_argument('--threads', type=int, default=4, help='threads reading local files (default: 4)')
-    return _connection_options(parser)
+    return _connection_options(parser, timeout=600.0)  # a batch of images waits behind the batches in flight
 
 
 def run_index(args: argparse.Namespace, out=None, err=None) -> int:

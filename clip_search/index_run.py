@@ -119,7 +119,12 @@ class IndexRun:
         self._checkpoint = Checkpoint(checkpoint_path(settings.failures))
 
     def run(self) -> int:
-        done = self._already_indexed() if self.settings.resume else set()
+        try:
+            done = self._already_indexed() if self.settings.resume else set()
+        except Exception as exc:  # the checkpoint stays as it was: the next --resume asks again
+            reason = exc.reason if isinstance(exc, RequestError) else (str(exc).splitlines() or [type(exc).__name__])[0]
+            print(f'clip-search index: cannot ask the server what the last run stored: {reason}', file=self.err)
+            return EXIT_CANNOT_RUN
         self.before = len(done)
         started = time.monotonic()
         error: Optional[str] = None
