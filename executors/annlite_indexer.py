@@ -163,7 +163,7 @@ class AnnLiteIndexer(Executor):
         return self._answer(self._search_docs, docs, parameters)
 
     @requests(on='/status')
-    def status(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
+    def status(self, docs: Optional[DocumentArray] = None, parameters: Optional[dict] = None, **kwargs) -> DocumentArray:
         """This shard's document count and the index settings, in the merged status format.
 
         With the ``LOOKUP`` parameter, which of the documents' ids this shard holds (read-only).
