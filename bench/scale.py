@@ -4,6 +4,7 @@
     python bench/scale.py --docs 1000000 --no-hnswlib   # the service alone: about 45 minutes
     python bench/scale.py --docs 200000           # the outside check's size
     python bench/scale.py --docs 5000 --queries 100   # a smoke run
+    python bench/scale.py --docs 100000 --pq 64 --no-hnswlib   # float and --pq 64 side by side
 
 Measures, in one run: indexing docs/s (documents sent with their embeddings, 1,000 a request, so
 only the index path counts), resident memory of every process empty and full, search p50/p99 over
@@ -12,6 +13,10 @@ document after a graceful stop and after ``kill -9`` of every process (with writ
 updates after the last snapshot), the single-query QPS of one shard in-process, and bare hnswlib
 on the same split with the same M and ef (in a process of its own: annlite and hnswlib cannot
 share one). Writes ``OUT/scale.json`` and prints a table.
+
+With ``--pq N`` the same corpus then goes through a second Flow started with ``--pq N`` (its own
+workspace), and the summary compares the two: anonymous memory a document (the vector file's page
+cache beside it, which the kernel may drop), recall@10, single-query p50, indexing rate, restart.
 """
 
 from __future__ import annotations
@@ -155,6 +160,35 @@ def memory(service) -> dict:
     return {str(pid): round(rss_mib(pid)) for pid in service.processes()}
 
 
+def memory_kinds(service) -> dict:
+    """MiB of the service's processes by kind: anonymous (heap, the graph) and file-backed (mapped files,
+    among them the pages of the vector file a compressed shard has read)."""
+    total = {'anon_mib': 0.0, 'file_mib': 0.0}
+    for pid in service.processes():
+        try:
+            status = Path(f'/proc/{pid}/status').read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        for line in status:
+            if line.startswith('RssAnon:'):
+                total['anon_mib'] += int(line.split()[1]) / 1024
+            elif line.startswith('RssFile:'):
+                total['file_mib'] += int(line.split()[1]) / 1024
+    return {key: round(value, 1) for key, value in total.items()}
+
+
+def page_cache_mib(paths: list[Path]) -> float:
+    """MiB of these files in the page cache (util-linux's fincore)."""
+    if not paths:
+        return 0.0
+    out = subprocess.run(['fincore', '--bytes', '--noheadings', '--output', 'RES', *map(str, paths)], capture_output=True, text=True)
+    return round(sum(int(line) for line in out.stdout.split()) / 2**20, 1)
+
+
+def disk_mib(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob('*') if f.is_file()) / 2**20, 1)
+
+
 def wait_documents(service, expected: int, started: float, timeout: float = 1800) -> float:
     """Seconds from ``started`` until /status counts ``expected`` documents."""
     client = service.client()
@@ -200,13 +234,14 @@ async def search_rows(address: str, queries: np.ndarray) -> tuple[list, list[flo
     return found[1:], latencies[1:]
 
 
-def start(model_dir: Path, workspace: Path, shards: int):
+def start(model_dir: Path, workspace: Path, shards: int, pq: int | None = None):
     from helpers.service import start_service
 
-    return start_service(model_dir, workspace, shards=shards, wait_searchable=False, ready_timeout=600)
+    extra = ('--pq', str(pq)) if pq else ()
+    return start_service(model_dir, workspace, shards=shards, wait_searchable=False, ready_timeout=600, extra_args=extra)
 
 
-def run_flow(data: Path, work: Path, shards: int) -> dict:
+def run_flow(data: Path, work: Path, shards: int, pq: int | None = None) -> dict:
     from helpers.service import TINY_MODEL_CFG, write_tiny_model
 
     corpus = np.load(data / 'corpus.npy', mmap_mode='r')
@@ -216,10 +251,11 @@ def run_flow(data: Path, work: Path, shards: int) -> dict:
     model_dir = write_tiny_model(work / 'model', model_cfg=dict(TINY_MODEL_CFG, embed_dim=corpus.shape[1]))
     workspace = work / 'workspace'
     result: dict = {}
-    service = start(model_dir, workspace, shards)
+    service = start(model_dir, workspace, shards, pq)
     try:
         time.sleep(2)
         result['rss_empty_mib'] = memory(service)
+        result['memory_empty'] = memory_kinds(service)
         log(f'empty service: {sum(result["rss_empty_mib"].values())} MiB {result["rss_empty_mib"]}')
         seconds = asyncio.run(index_rows(service.address, corpus, range(n)))
         result['index_docs_per_s'] = n / seconds
@@ -228,12 +264,18 @@ def run_flow(data: Path, work: Path, shards: int) -> dict:
         result.update(p50_ms=1000 * median(latencies), p99_ms=1000 * percentile(latencies, 99), recall_at_10=recall_at_k(found, gt))
         time.sleep(2)
         result['rss_full_mib'] = memory(service)
+        result['memory_full'] = memory_kinds(service)
+        vector_files = sorted(workspace.rglob('vectors.f32'))
+        result['vector_files_mib'] = round(sum(f.stat().st_size for f in vector_files) / 2**20, 1)
+        result['vector_files_page_cache_mib'] = page_cache_mib(vector_files)
+        result['workspace_disk_mib'] = disk_mib(workspace)
+        log(f'memory {result["memory_empty"]} -> {result["memory_full"]}; vector files {result["vector_files_mib"]} MiB, {result["vector_files_page_cache_mib"]} MiB cached; disk {result["workspace_disk_mib"]} MiB')
         log(f'full service: {sum(result["rss_full_mib"].values())} MiB; search p50 {result["p50_ms"]:.1f} ms, recall {result["recall_at_10"]:.3f}')
         started = time.monotonic()
         service.stop(timeout=600)
         result['graceful_stop_s'] = time.monotonic() - started
         started = time.monotonic()
-        service = start(model_dir, workspace, shards)
+        service = start(model_dir, workspace, shards, pq)
         result['graceful_restart_serving_s'] = time.monotonic() - started  # the Flow's own start: processes, imports, model
         result['graceful_restart_s'] = wait_documents(service, n, started)
         after, _ = asyncio.run(search_rows(service.address, queries[:200]))
@@ -242,7 +284,7 @@ def run_flow(data: Path, work: Path, shards: int) -> dict:
         result.update(kill9_check(service, corpus, queries, n))
         started = time.monotonic()
         service.kill()
-        service = start(model_dir, workspace, shards)
+        service = start(model_dir, workspace, shards, pq)
         result['kill9_restart_serving_s'] = time.monotonic() - started
         expected = n + 1000 - 500
         result['kill9_restart_s'] = wait_documents(service, expected, started)
@@ -300,6 +342,7 @@ def main() -> None:
     parser.add_argument('--work', type=Path, help='data and workspace folder, kept (default: a temporary one, removed)')
     parser.add_argument('--no-hnswlib', action='store_true',
                         help="skip bare hnswlib (half the 1M run's time): the ratios to it are left out")  # fmt: skip
+    parser.add_argument('--pq', type=int, metavar='N', help='also run the Flow with --pq N on the same corpus and compare')
     parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -318,7 +361,9 @@ def main() -> None:
     np.save(data / 'gt.npy', exact_top_k(queries, corpus, LIMIT))
     del corpus
     results = {'docs': args.docs, 'shards': args.shards, 'hnsw': HNSW, 'cores': os.cpu_count(), 'load_average_start': os.getloadavg()}
-    results['flow'] = run_flow(data, work, args.shards)
+    results['flow'] = run_flow(data, work / 'float', args.shards)
+    if args.pq:
+        results['flow_pq'] = run_flow(data, work / f'pq{args.pq}', args.shards, pq=args.pq)
     results['shard'] = worker('shard', {'data': str(data), 'folder': results['flow']['shard_folder'], 'shard': 0})
     log(f'one shard in-process: {results["shard"]}')
     if not args.no_hnswlib:
@@ -326,8 +371,13 @@ def main() -> None:
         log(f'hnswlib: {results["hnswlib"]}')
     results['load_average_end'] = os.getloadavg()
     results['summary'] = summary(results, args.shards)
+    if args.pq:
+        results['summary_pq'] = summary_pq(results, args.pq)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f'scale-{args.docs}.json').write_text(json.dumps(results, indent=2))
+    name = f'scale-{args.docs}' + (f'-pq{args.pq}' if args.pq else '')
+    (args.out / f'{name}.json').write_text(json.dumps(results, indent=2))
+    if args.pq:
+        print(json.dumps(results['summary_pq'], indent=2))
     print(json.dumps(results['summary'], indent=2))
 
 
@@ -364,6 +414,38 @@ def summary(results: dict, shards: int) -> dict:
         'single_query_qps_vs_hnswlib': round(shard['single_query_qps'] / bare['shard0_single_query_qps'], 2),
         'hnsw_call_vs_hnswlib': round(shard['hnsw_call_qps'] / bare['shard0_single_query_qps'], 2),
         'hnswlib_load_s_all_shards': round(bare['load_seconds_all_shards'], 2),
+    }
+
+
+def summary_pq(results: dict, pq: int) -> dict:
+    """The float Flow and the --pq Flow of one run, side by side."""
+    n = results['docs']
+
+    def figures(flow: dict) -> dict:
+        anon = (flow['memory_full']['anon_mib'] - flow['memory_empty']['anon_mib']) * 2**20 / n
+        return {
+            'anon_bytes_per_doc_above_empty': round(anon),
+            'rss_bytes_per_doc_above_empty': round((sum(flow['rss_full_mib'].values()) - sum(flow['rss_empty_mib'].values())) * 2**20 / n),
+            'vector_files_mib': flow['vector_files_mib'],
+            'vector_files_page_cache_mib': flow['vector_files_page_cache_mib'],
+            'workspace_disk_bytes_per_doc': round(flow['workspace_disk_mib'] * 2**20 / n),
+            'recall_at_10': round(flow['recall_at_10'], 3),
+            'search_p50_ms': round(flow['p50_ms'], 1),
+            'search_p99_ms': round(flow['p99_ms'], 1),
+            'index_docs_per_s': round(flow['index_docs_per_s']),
+            'graceful_restart_s': round(flow['graceful_restart_s'], 1),
+            'kill9_restart_s': round(flow['kill9_restart_s'], 1),
+            'same_answers_after_graceful_restart': flow['same_answers_after_graceful_restart'],
+            'after_kill9': flow['after_kill9'],
+        }
+
+    plain, compressed = figures(results['flow']), figures(results['flow_pq'])
+    return {
+        'float': plain,
+        f'pq{pq}': compressed,
+        'p50_pq_vs_float': round(compressed['search_p50_ms'] / plain['search_p50_ms'], 2),
+        'index_rate_pq_vs_float': round(compressed['index_docs_per_s'] / plain['index_docs_per_s'], 2),
+        'anon_memory_pq_vs_float': round(compressed['anon_bytes_per_doc_above_empty'] / plain['anon_bytes_per_doc_above_empty'], 2),
     }
 
 

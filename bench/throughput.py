@@ -80,19 +80,19 @@ def profile_processes(roles: dict[int, str], seconds: float, out: Path) -> list[
 
 
 STEPS = ('gRPC and protobuf', 'docarray conversion', 'Jina routing and bookkeeping', 'our handler', 'event loop')
-OURS = ('executors/', 'clip_search/sharding.py', 'clip_search/params.py', 'clip_search/media.py', 'clip_search/gateway.py')
-ENTRY_FRAMES = ('Handle._run', '_run_once', 'Thread.run', 'run_until_complete', 'run_forever')
+# 'event loop': samples in the loop itself; under uvloop that includes gRPC's callbacks, which are native code too
+OURS = ('(executors/', '(clip_search/sharding.py', '(clip_search/params.py', '(clip_search/media.py')
+ENTRY_FUNCTIONS = {'_run', '_run_once', 'run', 'run_until_complete', 'run_forever'}  # an event loop's or a thread's
 
 
 def step_of(frames: list[str]) -> str:
     """Which step of a request a sampled stack is in (frames root first, as py-spy writes them)."""
-    for i in range(len(frames) - 1, -1, -1):  # what runs under the event loop's callback or the thread's run
-        if frames[i].startswith(ENTRY_FRAMES):
+    entry = ''
+    for i in range(len(frames) - 1, -1, -1):  # what runs under the event loop (or the thread) closest to the leaf
+        if frames[i].split(' (')[0].split('.')[-1] in ENTRY_FUNCTIONS:
             entry, frames = frames[i], frames[i + 1 :]
             break
-    else:
-        entry = ''
-    if not frames:  # a thread in native code only is gRPC's completion-queue poller
+    if not frames:  # a thread in native code only is gRPC's completion-queue poller; else the loop itself
         return 'gRPC and protobuf' if entry.startswith('Thread.run') else 'event loop'
     text = ';'.join(frames)
     if any(mark in text for mark in OURS):
@@ -101,7 +101,7 @@ def step_of(frames: list[str]) -> str:
         return 'docarray conversion'
     if 'grpc/' in text or 'protobuf/' in text or 'jina/proto/' in text:
         return 'gRPC and protobuf'
-    if 'jina/' in text:
+    if 'jina/' in text or 'clip_search/gateway.py' in text:
         return 'Jina routing and bookkeeping'
     return 'event loop'
 
@@ -336,6 +336,41 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         summary = {'machine_load': os.getloadavg(), 'runs': results, 'floor': floor}
         (args.out / 'results.json').write_text(json.dumps(summary, indent=2))
+        (args.out / 'results.md').write_text(markdown(results, floor))
+
+
+PROCESSES = ('gateway/rep-0', 'encoder/rep-0', 'indexer/head', 'indexer/shard-0/rep-0', 'indexer/shard-1/rep-0', 'indexer/uses_after-0')
+
+
+def markdown(results: list[dict], floor: list[dict] | None) -> str:
+    """The tables of docs/design.md and the README: CPU per search by process (and by step), throughput."""
+    rows = [(r['label'], kind, r[kind]) for r in results for kind in ('embedding', 'text')]
+    rows += [(f['label'], kind, f[kind]) for f in floor or [] for kind in ('embedding', 'text') if kind in f]
+    names = [name.replace('/rep-0', '').replace('indexer/uses_after-0', 'merger') for name in PROCESSES]
+    lines = [
+        '| service | query | server CPU ms per search | ' + ' | '.join(names) + ' |',
+        '|---|---|---:|' + '---:|' * len(PROCESSES),
+    ]
+    for label, kind, row in rows:
+        per = ' | '.join(f'{row["by_process_ms"].get(name, 0.0):.1f}' for name in PROCESSES)
+        lines.append(f'| {label} | {kind} | {row["server_cpu_ms_per_search"]:.1f} | {per} |')
+    lines += ['', '| service | clients | searches/s | p50 ms | p99 ms | server CPU ms per search | wrong | errors |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+    for r in results:
+        c = r['concurrent']
+        lines.append(
+            f'| {r["label"]} | {c["clients"]} | {c["searches_per_s"]:.1f} | {c["p50_ms"]:.0f} | {c["p99_ms"]:.0f} | '
+            f'{c["server_cpu_ms_per_search"]:.1f} | {c["wrong"] + r["embedding"]["wrong"]} | {c["error_count"]} |'
+        )
+    for r in results:
+        if 'steps_ms' not in r:
+            continue
+        lines += ['', f'{r["label"]}: CPU ms per search by step, under {r["concurrent"]["clients"]} clients (py-spy samples x process CPU)', '']
+        lines += ['| process | ' + ' | '.join(STEPS) + ' |', '|---|' + '---:|' * len(STEPS)]
+        for name in PROCESSES:
+            if name in r['steps_ms']:
+                steps = r['steps_ms'][name]
+                lines.append(f'| {name} | ' + ' | '.join(f'{steps[step]:.2f}' for step in STEPS) + ' |')
+    return '\n'.join(lines) + '\n'
 
 
 def summary_line(r: dict) -> str:

@@ -20,11 +20,22 @@ from typing import Iterator, NoReturn, Optional, Sequence
 
 import yaml
 
+from clip_search.auth import (
+    API_KEYS_ENV,
+    FILE_SUFFIX,
+    READ_ONLY_KEYS_ENV,
+    KeyRing,
+    KeySettingError,
+    check_keys,
+    keys_from_environment,
+    read_key_file,
+)
 from clip_search.flowconfig import (
     DEFAULT_FLOW,
     FlowConfigError,
     build_flow,
     check_encoder_dtype,
+    gateway_addresses,
     media_policy_of,
     model_name_of,
     prepare_flow_config,
@@ -50,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--port', type=int, help='port of the gateway (the YAML says 61000)')
     parser.add_argument(
         '--protocol',
-        choices=['grpc', 'http', 'websocket'],
-        help='protocol of the gateway (the YAML says grpc): http serves JSON on POST /post, as curl sends it',
+        help='protocol of the gateway: grpc (the YAML\'s), http (JSON on POST /post, as curl sends it) or websocket; '
+        'several, comma-separated (grpc,http), are served on --port and the ports after it',
     )
     parser.add_argument(
         '--host',
@@ -74,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--shards', type=int, help='number of indexer shards (a workspace keeps the count it was built with)')
     parser.add_argument('--workspace', help='directory where the index is stored (the YAML says ./workspace)')
     parser.add_argument(
+        '--pq', type=int, metavar='N',
+        help='compress the index with product quantization, N bytes a document (N must divide the embedding size, '
+        'e.g. 64 for 512-d): about 4x less memory, exact distances from float vectors kept on disk; '
+        'a workspace keeps the setting it was built with',
+    )  # fmt: skip
+    parser.add_argument(
         '--web-port', type=int, help='also serve a search page and a JSON API (/api/search) over HTTP on this port'
     )
     parser.add_argument('--web-host', help='address the web page binds to (default: the same as --host)')
@@ -86,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
         help='let the server fetch image URLs of HOST (a name, an address or a network) although it is loopback, '
         'private or link-local (repeatable; by default only public addresses are fetched)',
     )
+    parser.add_argument(
+        '--api-key', action='append', default=[], metavar='KEY',
+        help='require this key on every request (Authorization: KEY, or Bearer KEY) to the gateway and the web '
+        'page\'s API (repeatable; --api-key-file or CLIP_SEARCH_API_KEYS keep keys off the process list)',
+    )  # fmt: skip
+    parser.add_argument('--api-key-file', action='append', default=[], metavar='FILE', help='read-write keys, one a line')
+    parser.add_argument(
+        '--read-only-key', action='append', default=[], metavar='KEY',
+        help='a key that may call /search, /encode, /rank, /status and / only (repeatable; also --read-only-key-file '
+        'FILE and CLIP_SEARCH_READ_ONLY_KEYS)',
+    )  # fmt: skip
+    parser.add_argument('--read-only-key-file', action='append', default=[], metavar='FILE', help='read-only keys, one a line')
+    parser.add_argument(
+        '--web-allowed-host', action='append', default=[], metavar='HOST',
+        help='a Host name the web page answers besides localhost and its bound address (repeatable), e.g. the '
+        'name a proxy serves it under; other Host headers get 400 (DNS rebinding)',
+    )  # fmt: skip
     parser.add_argument(
         '--exit-on-failure',
         action=argparse.BooleanOptionalAction,
@@ -102,6 +136,8 @@ def serve(
     stop_event: Optional[threading.Event] = None,
     exit_on_failure: bool = True,
     web_socket: Optional[socket.socket] = None,
+    keys: Optional[KeyRing] = None,
+    web_allowed_hosts: Sequence[str] = (),
 ) -> int:
     """Start the Flow and serve until ``stop_event``, Ctrl-C or SIGTERM; then close it cleanly.
 
@@ -114,16 +150,22 @@ def serve(
     stop_event = stop_event or threading.Event()
     use_uvloop_in_every_process()
     flow = build_flow(config)
-    protocol = str((config.get('with') or {}).get('protocol', 'grpc'))
-    scheme = {'websocket': 'ws'}.get(protocol, protocol) + ('s' if (config.get('gateway') or {}).get('ssl_certfile') else '')
     exit_code = 0
     with _stop_signals(stop_event) as starting:
         flow.start()
         starting.clear()
-        with contextlib.closing(flow), _web_page(web_socket, config, scheme, flow.port):
+        keys = keys or KeyRing.from_environment()
+        addresses = gateway_addresses(config, flow.host, flow.port)
+        with contextlib.closing(flow), _web_page(web_socket, config, addresses, keys, web_allowed_hosts):
             # Jina starts every executor as a multiprocessing child of this process, named after it
             executors = {child.pid: child.name for child in multiprocessing.active_children()}
-            print(f'clip-search is serving on {scheme}://{flow.host}:{flow.port} (Ctrl-C to stop)', flush=True)
+            print(f'clip-search is serving on {", ".join(addresses)} (Ctrl-C to stop)', flush=True)
+            if not keys.enabled:
+                print(
+                    f'clip-search: no API key is set: anyone who can reach {", ".join(addresses)} can search, index and '
+                    f'delete; start with --api-key KEY (or CLIP_SEARCH_API_KEYS) to require one',
+                    flush=True,
+                )  # fmt: skip
             while not stop_event.wait(1.0):
                 dead = _dead_executors(executors) if exit_on_failure else []
                 if dead:
@@ -241,21 +283,58 @@ def open_web_port(config: dict, port: Optional[int], host: Optional[str]) -> Opt
     gateway = config.get('gateway') or {}
     if gateway.get('ssl_certfile'):
         raise FlowConfigError('--web-port cannot be combined with --tls-cert yet: serve the page through a TLS proxy')
-    if port == (config.get('with') or {}).get('port'):
+    gateway_ports = (config.get('with') or {}).get('port')
+    if port in (gateway_ports if isinstance(gateway_ports, list) else [gateway_ports]):
         raise FlowConfigError(f'--web-port {port} is the gateway\'s gRPC port: pick another one')
     return bind_web_socket(host or gateway.get('host') or '0.0.0.0', port)
 
 
-def _web_page(web_socket: Optional[socket.socket], config: dict, scheme: str, gateway_port: int):
-    """The search page beside the Flow, a client of its gateway; nothing without a socket."""
+def _web_page(
+    web_socket: Optional[socket.socket], config: dict, addresses: list[str], keys: KeyRing, allowed_hosts: Sequence[str]
+):
+    """The search page beside the Flow, a client of its gateway (over gRPC if it serves it); nothing without a socket."""
     if web_socket is None:
         return contextlib.nullcontext()
     from clip_search.web.server import serve_web_page
 
     host = (config.get('gateway') or {}).get('host')
     gateway_host = '127.0.0.1' if host in (None, '', '0.0.0.0', '::') else host
-    url = f'{scheme}://{gateway_host}:{gateway_port}'
-    return serve_web_page(web_socket, url, model=model_name_of(config), media=media_policy_of(config))
+    address = next((a for a in addresses if a.startswith('grpc')), addresses[0])
+    scheme, _, rest = address.partition('://')
+    url = f'{scheme}://{gateway_host}:{rest.rsplit(":", 1)[1]}'
+    # the page calls the Flow with the least key it has: it only reads
+    gateway_key = next(iter(keys_from_environment(READ_ONLY_KEYS_ENV) or keys_from_environment(API_KEYS_ENV)), None)
+    return serve_web_page(
+        web_socket, url, model=model_name_of(config), media=media_policy_of(config),
+        keys=keys, gateway_key=gateway_key, allowed_hosts=allowed_hosts,
+    )  # fmt: skip
+
+
+def settle_api_keys(args: argparse.Namespace) -> KeyRing:
+    """The keys of the command line, its files and the environment, put in the environment for the gateway.
+
+    The gateway process reads its keys from the environment only (clip_search/auth.py), so that no key
+    is written in the Flow's YAML or on an executor's command line.
+    """
+    full = check_keys(
+        [*args.api_key, *(k for f in args.api_key_file for k in read_key_file(f, '--api-key-file')), *keys_from_environment(API_KEYS_ENV)],
+        '--api-key',
+    )
+    read_only = check_keys(
+        [
+            *args.read_only_key,
+            *(k for f in args.read_only_key_file for k in read_key_file(f, '--read-only-key-file')),
+            *keys_from_environment(READ_ONLY_KEYS_ENV),
+        ],
+        '--read-only-key',
+    )
+    for name, keys in ((API_KEYS_ENV, full), (READ_ONLY_KEYS_ENV, read_only)):
+        os.environ.pop(name + FILE_SUFFIX, None)
+        if keys:
+            os.environ[name] = ','.join(dict.fromkeys(keys))
+        else:
+            os.environ.pop(name, None)
+    return KeyRing.create(full, read_only)
 
 
 def _dead_executors(executors: dict[int, str]) -> list[str]:
@@ -293,6 +372,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             dtype=args.dtype,
             shards=args.shards,
             workspace=args.workspace,
+            pq=args.pq,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             protocol=args.protocol,
@@ -300,12 +380,16 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             allow_hosts=args.allow_host,
         )
         check_encoder_dtype(config)  # serve only: an exported container may have another device
+        keys = settle_api_keys(args)
         web_socket = open_web_port(config, args.web_port, args.web_host)
-    except (ModelUnavailableError, FlowConfigError, WebServerError, OSError, yaml.YAMLError) as exc:
+    except (ModelUnavailableError, FlowConfigError, WebServerError, KeySettingError, OSError, yaml.YAMLError) as exc:
         print(f'clip-search: {exc}', file=sys.stderr)
         return 2
     try:
-        return serve(config, exit_on_failure=args.exit_on_failure, web_socket=web_socket)
+        return serve(
+            config, exit_on_failure=args.exit_on_failure, web_socket=web_socket, keys=keys,
+            web_allowed_hosts=args.web_allowed_host,
+        )  # fmt: skip
     except Exception as exc:  # jina has logged the details; say it in one line too
         print(f'clip-search: the Flow failed: {exc}', file=sys.stderr)
         return 1

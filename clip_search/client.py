@@ -61,11 +61,17 @@ class Client:
     """
 
     def __init__(
-        self, server: str = 'grpc://localhost:61000', timeout: Optional[float] = None, in_flight: int = 4, **client_kwargs: Any
+        self,
+        server: str = 'grpc://localhost:61000',
+        timeout: Optional[float] = None,
+        in_flight: int = 4,
+        api_key: Optional[str] = None,
+        **client_kwargs: Any,
     ):
         """:param server: ``scheme://host:port`` with scheme grpc, grpcs (TLS), http, https, ws or wss
         :param timeout: seconds one request (one batch) may take before it fails; default: no limit
         :param in_flight: batches sent and not yet answered, at most (the next batch is read meanwhile)
+        :param api_key: the service's API key (``--api-key``), sent as ``Authorization`` with every request
         :param client_kwargs: passed to ``jina.Client``
         """
         if timeout is not None and timeout <= 0:
@@ -85,6 +91,9 @@ class Client:
             raise ValueError(f'server={server!r}: expected {"|".join(PROTOCOLS)}://host:port')
         self.server = server
         self._client = JinaClient(host=server.replace('websocket://', 'ws://'), asyncio=True, **client_kwargs)
+        if api_key:  # jina.Client takes the key per call only: gRPC metadata, or an HTTP/WebSocket header
+            auth = {'metadata': (('authorization', api_key),)} if scheme.startswith('grpc') else {'headers': {'Authorization': api_key}}
+            self._client.post = functools.partial(self._client.post, **auth)
 
     # -- asyncio API; the synchronous API below is made from it --------------------------------
 

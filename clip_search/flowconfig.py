@@ -20,6 +20,7 @@ ENCODER_CLASS = 'CLIPEncoder'
 INDEXER_CLASS = 'AnnLiteIndexer'
 GATEWAY_MODULE = 'clip_search.gateway'  # Jina's gateway with an all-or-nothing /update, one class per protocol
 GATEWAY_CLASSES = {'grpc': 'CheckedGRPCGateway', 'http': 'CheckedHTTPGateway', 'websocket': 'CheckedWebSocketGateway'}
+COMPOSITE_GATEWAY_CLASS = 'CheckedCompositeGateway'  # several protocols at once
 SHARDED_ENDPOINTS = ('/search', '/update', '/delete', '/status')  # must reach every shard
 MERGER_CLASS = 'ShardMerger'
 # the modules of our executors, by class (the merger runs in the indexer's deployment)
@@ -79,6 +80,7 @@ def load_flow_config(
     allow_paths: Sequence[str] = (),
     allow_hosts: Sequence[str] = (),
     dtype: Optional[str] = None,
+    pq: Optional[int] = None,
 ) -> dict:
     """Read the Flow YAML and apply the command-line overrides (``allow_*`` add to the YAML's lists)."""
     flow_file = resolve_flow_file(flow_file)
@@ -95,7 +97,8 @@ def load_flow_config(
     if port is not None:
         _section(config, 'with')['port'] = port
     if protocol is not None:
-        _section(config, 'with')['protocol'] = protocol
+        _section(config, 'with')['protocol'] = protocols_of(protocol)
+    _port_per_protocol(config)
     gateway = _section(config, 'gateway')  # the gateway's alone: 'with' reaches every executor
     if host is not None:
         gateway['host'] = host
@@ -117,6 +120,10 @@ def load_flow_config(
         indexer['shards'] = shards
     if workspace is not None:
         indexer['workspace'] = workspace
+    if pq is not None:
+        if pq < 1:
+            raise FlowConfigError(f'--pq must be at least 1 (bytes a document), not {pq}')
+        _section(indexer, 'uses_with')['n_subvectors'] = pq
     set_placement(indexer, flow_file)
     use_checked_gateway(config)
     return config
@@ -158,14 +165,42 @@ def indexer_polling(indexer: dict) -> Callable[[str], str]:
     return lambda endpoint: str(polling).upper()
 
 
+def protocols_of(protocol) -> str | list[str]:
+    """``grpc`` or ``grpc,http,websocket`` (a list: one gateway serves them all, each on its own port)."""
+    names = [name.strip().lower() for name in (protocol.split(',') if isinstance(protocol, str) else protocol)]
+    for name in names:
+        if name not in GATEWAY_CLASSES:
+            raise FlowConfigError(f'protocol {name!r} is unknown: use {", ".join(GATEWAY_CLASSES)} (or several, comma-separated)')
+    return names[0] if len(names) == 1 else names
+
+
+def _port_per_protocol(config: dict) -> None:
+    """Several protocols and one port: the first protocol on it, each next one on the next port."""
+    settings = config.get('with') or {}
+    protocol, port = settings.get('protocol'), settings.get('port')
+    if isinstance(protocol, list) and isinstance(port, int):
+        settings['port'] = [port + offset for offset in range(len(protocol))]
+
+
+def gateway_addresses(config: dict, host: str, ports) -> list[str]:
+    """``scheme://host:port`` of each protocol the gateway serves (``ports``: the Flow's, one or a list)."""
+    protocols = (config.get('with') or {}).get('protocol', 'grpc')
+    protocols = protocols if isinstance(protocols, list) else [protocols]
+    ports = ports if isinstance(ports, list) else [ports]
+    tls = 's' if (config.get('gateway') or {}).get('ssl_certfile') else ''
+    schemes = [{'websocket': 'ws'}.get(str(p).lower(), str(p).lower()) + tls for p in protocols]
+    return [f'{scheme}://{host}:{port}' for scheme, port in zip(schemes, ports)]
+
+
 def use_checked_gateway(config: dict) -> None:
     """Serve through clip-search's gateway (clip_search/gateway.py) unless the YAML names a gateway of its own."""
     gateway = _section(config, 'gateway')
-    protocol = str((config.get('with') or {}).get('protocol', 'grpc')).lower()
-    if gateway.get('uses') or protocol not in GATEWAY_CLASSES:
+    protocol = (config.get('with') or {}).get('protocol', 'grpc')
+    protocols = [str(p).lower() for p in protocol] if isinstance(protocol, list) else [str(protocol).lower()]
+    if gateway.get('uses') or not all(p in GATEWAY_CLASSES for p in protocols):
         return
     indexer, encoder = find_executor(config, INDEXER_CLASS), find_executor(config, ENCODER_CLASS)
-    gateway['uses'] = GATEWAY_CLASSES[protocol]
+    gateway['uses'] = GATEWAY_CLASSES[protocols[0]] if len(protocols) == 1 else COMPOSITE_GATEWAY_CLASS
     gateway['py_modules'] = [*(gateway.get('py_modules') or []), GATEWAY_MODULE]
     gateway_with = _section(gateway, 'uses_with')
     gateway_with['indexer'] = indexer.setdefault('name', 'indexer')
@@ -243,6 +278,12 @@ def set_index_dimension(config: dict, embed_dim: int, model_name: str) -> None:
         raise FlowConfigError(
             f'the Flow sets the indexer n_dim={declared}, but model {model_name!r} makes '
             f'{embed_dim}-d embeddings: remove n_dim from the YAML (it follows the model)'
+        )
+    n_subvectors = indexer_with.get('n_subvectors')
+    if n_subvectors is not None and (not isinstance(n_subvectors, int) or n_subvectors < 1 or embed_dim % n_subvectors):
+        raise FlowConfigError(
+            f'the indexer\'s n_subvectors={n_subvectors!r} (--pq) must divide the {embed_dim}-d embeddings '
+            f'of model {model_name!r} (product quantization cuts each vector into equal sub-vectors)'
         )
     indexer_with['n_dim'] = embed_dim
 

@@ -19,10 +19,12 @@ subclass per protocol wraps the request handler every protocol shares (``Request
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 from typing import Callable
 
 from docarray import Document, DocumentArray
 from jina.proto import jina_pb2
+from jina.serve.runtimes.gateway.composite import CompositeGateway
 from jina.serve.runtimes.gateway.grpc import GRPCGateway
 from jina.serve.runtimes.helper import _is_param_for_specific_executor
 from jina.serve.runtimes.gateway.http import HTTPGateway
@@ -30,12 +32,14 @@ from jina.serve.runtimes.gateway.websocket import WebSocketGateway
 from jina.types.request.data import DataRequest
 
 from clip_search import prefetch
+from clip_search.auth import KeyMiddleware, KeyRing, grpc_interceptor
 from clip_search.sharding import UPDATE_CHECK
 
 
 class _UpdateCheck:
-    """Mixin for a Jina gateway class: every /update is preceded by a check pass on ``indexer``, and
-    a /search goes straight through ``encoder`` and ``indexer``."""
+    """Mixin for a Jina gateway class: every /update is preceded by a check pass on ``indexer``, a
+    /search goes straight through ``encoder`` and ``indexer``, and with API keys in the environment
+    (clip_search/auth.py) every request but health needs one."""
 
     def __init__(self, indexer: str = 'indexer', encoder: str = 'encoder', **kwargs):
         """:param indexer: the name of the indexer's deployment in the Flow (the CLI sets it from the YAML)
@@ -43,6 +47,7 @@ class _UpdateCheck:
         """
         self.indexer = indexer  # before Jina's __init__, which builds the request handler
         self.encoder = encoder
+        self.keys = KeyRing.from_environment()  # from the environment only: never in a YAML or a command line
         prefetch.install()  # the gateway's prefetch limit waits instead of spinning a core
         super().__init__(**kwargs)
 
@@ -133,20 +138,32 @@ def _sender(connection_pool, node) -> Callable:
             raise result
         return result
 
+    send.deployment = node.name
     return send
 
 
-async def _direct_search(request: DataRequest, encode: Callable, search: Callable) -> DataRequest:
-    """The encoder (unless every query has its embedding), then the indexer; an error answer stops there."""
-    route = jina_pb2.RouteProto(executor='gateway')
-    route.start_time.GetCurrentTime()
-    response, metadata = request, {}
-    if not queries_carry_embeddings(request):
-        response, metadata = await encode(response)
-    if 'is-error' not in metadata:
-        response, metadata = await search(response)
-    route.end_time.GetCurrentTime()
-    response.routes.insert(0, route)
+async def _direct_search(request: DataRequest, encoder: Callable, indexer: Callable) -> DataRequest:
+    """The encoder (unless every query has its embedding), then the indexer; an error answer stops there.
+
+    The answer's routes are made as Jina's graph makes them: the gateway's, then one per deployment
+    with the times it took (the executors' own entries are dropped, as Jina drops them).
+    """
+    gateway = jina_pb2.RouteProto(executor='gateway')
+    gateway.start_time.GetCurrentTime()
+    response, metadata, visited = request, {}, []
+    for send in (indexer,) if queries_carry_embeddings(request) else (encoder, indexer):
+        started = datetime.utcnow()
+        response, metadata = await send(response)
+        visited.append((send.deployment, started, datetime.utcnow()))
+        if 'is-error' in metadata:
+            break
+    del response.routes[:]
+    gateway.end_time.GetCurrentTime()
+    response.routes.append(gateway)
+    for deployment, started, ended in visited:
+        route = response.routes.add(executor=deployment)
+        route.start_time.FromDatetime(started)
+        route.end_time.FromDatetime(ended)
     return response
 
 
@@ -166,15 +183,57 @@ def queries_carry_embeddings(request: DataRequest) -> bool:
 
 
 class CheckedGRPCGateway(_UpdateCheck, GRPCGateway):
-    """Jina's gRPC gateway with an all-or-nothing /update."""
+    """Jina's gRPC gateway with an all-or-nothing /update (and API keys)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        if self.keys.enabled:
+            # Jina builds its grpc.aio server with these interceptors (tracing's, none by default) and takes no others
+            self.grpc_tracing_server_interceptors = [*(self.grpc_tracing_server_interceptors or []), grpc_interceptor(self.keys)]
 
 
 class CheckedHTTPGateway(_UpdateCheck, HTTPGateway):
-    """Jina's HTTP gateway with an all-or-nothing /update."""
+    """Jina's HTTP gateway with an all-or-nothing /update (and API keys)."""
+
+    @property
+    def app(self):
+        app = super().app  # Jina builds a new FastAPI app at each call and serves the one its setup takes
+        if self.keys.enabled:
+            app.add_middleware(KeyMiddleware, keys=self.keys)
+        return app
 
 
 class CheckedWebSocketGateway(_UpdateCheck, WebSocketGateway):
-    """Jina's WebSocket gateway with an all-or-nothing /update."""
+    """Jina's WebSocket gateway with an all-or-nothing /update (and API keys)."""
+
+    @property
+    def app(self):
+        return self._app
+
+    @app.setter
+    def app(self, app) -> None:  # Jina's setup assigns its FastAPI app, then serves self.app
+        if self.keys.enabled:
+            app.add_middleware(KeyMiddleware, keys=self.keys)
+        self._app = app
 
 
 GATEWAYS = {'grpc': CheckedGRPCGateway, 'http': CheckedHTTPGateway, 'websocket': CheckedWebSocketGateway}
+
+
+class CheckedCompositeGateway(_UpdateCheck, CompositeGateway):
+    """Several protocols on one gateway (``--protocol grpc,http,websocket``), each served by its checked class.
+
+    Jina's composite builds its servers from its own table of classes; they are rebuilt here from
+    ours, with the same arguments and the composite's request handler (which has the /update check).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.servers = [GATEWAYS[_protocol_name(server.runtime_args.protocol)](**server_kwargs)
+                        for server, server_kwargs in zip(self.servers, self._server_kwargs)]  # fmt: skip
+        self.gateways = self.servers
+
+
+def _protocol_name(protocol) -> str:
+    """'grpc', 'http' or 'websocket', from Jina's GatewayProtocolType or a string."""
+    return str(getattr(protocol, 'name', protocol)).lower()

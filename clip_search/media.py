@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import errno
 import http.client
 import io
 import ipaddress
@@ -22,7 +23,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -31,6 +32,8 @@ DEFAULT_URI_TIMEOUT = 5.0  # seconds for a whole http(s) fetch: DNS, connect, he
 MAX_IMAGE_BYTES = 50 * 2**20  # bytes of one image file or download
 MAX_IMAGE_PIXELS = 50_000_000  # pixels of one decoded image (150 MB as RGB); Pillow's own bomb check is at 179M
 MAX_REDIRECTS = 5
+# the decoders a request can reach; Pillow's others run external programs (EPS: Ghostscript) or are rarely vetted
+IMAGE_FORMATS = ('JPEG', 'PNG', 'WEBP', 'GIF', 'BMP', 'TIFF')
 # getaddrinfo has no timeout of its own: it runs here so that a fetch can stop waiting for it
 _DNS_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix='clip-search-dns')
 
@@ -77,12 +80,51 @@ class MediaPolicy:
         return any(path == root or root in path.parents for root in self.allow_paths)
 
     def allows_address(self, host: str, address: str) -> bool:
-        """Whether ``host``, resolved to ``address``, may be fetched: public, or allowed by name or network."""
+        """Whether ``host``, resolved to ``address``, may be fetched: public, or allowed by name or network.
+
+        An IPv6 address that carries an IPv4 one (mapped, NAT64, 6to4, Teredo ...) is judged by the IPv4
+        address(es) it carries: 64:ff9b::7f00:1 reaches 127.0.0.1 through a NAT64 gateway.
+        """
         ip = ipaddress.ip_address(address.split('%')[0])
-        ip = getattr(ip, 'ipv4_mapped', None) or ip  # ::ffff:127.0.0.1 is loopback too
-        if ip.is_global and not ip.is_multicast:
+        if self._allows_by_setting(host, ip):
             return True
+        if ip.version == 6:
+            carried = embedded_ipv4(ip)
+            if carried is not None:
+                return bool(carried) and all(self.allows_address(host, str(inner)) for inner in carried)
+        return is_public_address(ip)
+
+    def _allows_by_setting(self, host: str, ip) -> bool:
         return host.lower().rstrip('.') in self.allow_hosts or any(ip in net for net in self.allow_networks)
+
+
+# IPv6 forms that carry an IPv4 address. ipaddress knows the mapped, 6to4 and Teredo ones, yet calls
+# NAT64, IPv4-compatible and ::ffff:0:a.b.c.d addresses global whatever IPv4 address they carry.
+_NAT64 = ipaddress.ip_network('64:ff9b::/96')  # RFC 6052 well-known prefix: the last 32 bits
+_NAT64_LOCAL = ipaddress.ip_network('64:ff9b:1::/48')  # RFC 8215, local use only: never public
+_IPV4_COMPATIBLE = ipaddress.ip_network('::/96')  # ::a.b.c.d (deprecated, still routed by some stacks)
+_IPV4_TRANSLATED = ipaddress.ip_network('::ffff:0:0:0/96')  # ::ffff:0:a.b.c.d (SIIT, RFC 2765)
+_SITE_LOCAL = ipaddress.ip_network('fec0::/10')  # deprecated, still private where used
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> Optional[tuple]:
+    """The IPv4 addresses an IPv6 address carries (both of a Teredo one); () to refuse it; None if it carries none."""
+    if ip in _NAT64_LOCAL:
+        return ()
+    if ip.ipv4_mapped is not None:
+        return (ip.ipv4_mapped,)
+    if ip in _NAT64 or ip in _IPV4_COMPATIBLE or ip in _IPV4_TRANSLATED:
+        return (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF),)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip.teredo is not None:
+        return ip.teredo  # (server, client): the client's is the last 32 bits inverted
+    return None
+
+
+def is_public_address(ip) -> bool:
+    """Global unicast, and not IPv6 site-local (which Python's ipaddress calls global)."""
+    return ip.is_global and not ip.is_multicast and not (ip.version == 6 and ip in _SITE_LOCAL)
 
 
 def content_kind(doc, empty_as_text: bool = False) -> str:
@@ -120,20 +162,56 @@ class UnreadableImage(ValueError):
 
 def decode_image(data: bytes) -> Image.Image:
     """Decode image bytes to RGB; refuse what Pillow cannot read and more than MAX_IMAGE_PIXELS."""
-    try:
-        image = Image.open(io.BytesIO(data))  # reads the header only: the size is known before any pixel
-        width, height = image.size
-    except Image.DecompressionBombError as exc:  # sizes Pillow refuses before ours is checked
-        raise UnreadableImage(f'is an image of too many pixels ({exc})') from None
-    except Exception as exc:  # unknown format, truncated header: refused, never a traceback
-        raise UnreadableImage(f'is not a readable image ({exc})') from None
-    if width * height > MAX_IMAGE_PIXELS:
-        raise UnreadableImage(f'is an image of {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} the server decodes')
+    image = open_image(data)
     try:
         image.load()
         return image.convert('RGB')
     except Exception as exc:  # truncated data, a decoder error, memory
         raise UnreadableImage(f'is not a readable image ({type(exc).__name__}: {exc})') from None
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Read an image's header with the decoders of IMAGE_FORMATS only; refuse more than MAX_IMAGE_PIXELS."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)  # the header only: the size before any pixel
+        width, height = image.size
+    except Image.DecompressionBombError as exc:  # sizes Pillow refuses before ours is checked
+        raise UnreadableImage(f'is an image of too many pixels ({exc})') from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage(unidentified_reason(data)) from None
+    except Exception as exc:  # a truncated header: refused, never a traceback
+        raise UnreadableImage(f'is not a readable image ({exc})') from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise UnreadableImage(f'is an image of {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} the server decodes')
+    return image
+
+
+def unidentified_reason(data: bytes) -> str:
+    """Why bytes no allowed decoder reads are refused: a known document format is named, never decoded."""
+    known = _sniffed_format(data)
+    if known is None:
+        return 'is not a readable image (no image format recognised)'
+    return (
+        f'is not a readable image: {known} is not a supported image format '
+        f'(the server decodes {", ".join(IMAGE_FORMATS[:-1])} and {IMAGE_FORMATS[-1]})'
+    )
+
+
+def _sniffed_format(data: bytes) -> Optional[str]:
+    """The format Pillow's other plugins recognise by their signature check alone (no decoder runs), or PDF."""
+    if data[:5] == b'%PDF-':  # Pillow writes PDF but has no reader for it
+        return 'PDF'
+    Image.init()
+    prefix = data[:16]
+    for name, (_factory, accept) in Image.OPEN.items():
+        if name in IMAGE_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return name
+        except Exception:  # a plugin's check that wants more bytes: not its format
+            continue
+    return None
 
 
 def jpeg_thumbnail(image: Image.Image, size: int) -> bytes:
@@ -177,29 +255,60 @@ def _read_uri(doc, policy: MediaPolicy) -> bytes:
 
 
 def _read_path(doc, path_text: str, policy: MediaPolicy) -> bytes:
-    """A file under an allowed directory; anything else is refused before it is looked at."""
+    """A regular file under an allowed directory, checked by name before it is opened and as opened after.
+
+    The name is resolved and checked, then opened without following a symlink in its last part and
+    without waiting (a FIFO opens at once and is refused); what was opened is checked again, so a
+    link swapped in between (of the file or of a directory above it) cannot lead out.
+    """
     path = Path(path_text).expanduser().resolve()  # after symlinks: a link cannot lead out of an allowed directory
     if not policy.allows_path(path):
-        raise BadDocumentError(
-            doc.id,
-            f'uri {_short(doc.uri)} is a path on the server, which opens no path a request names: send the '
-            f'image bytes (clip_search.Client and clip_client send local files so), or start the service '
-            f'with --allow-path DIR to let it read files under DIR',
-        )
+        raise BadDocumentError(doc.id, _outside_allowed_paths(doc))
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):  # before open: opening a FIFO would wait for a writer
-            raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is not a regular file')
-        with open(path, 'rb') as file:
-            info = os.fstat(file.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is not a regular file')
-            if info.st_size > MAX_IMAGE_BYTES:
-                raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is larger than {MAX_IMAGE_BYTES} bytes')
-            return file.read(MAX_IMAGE_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0))
     except FileNotFoundError:
         raise BadDocumentError(doc.id, f'file {_short(doc.uri)} does not exist') from None
-    except OSError as exc:  # permission denied, a directory, an I/O error
+    except OSError as exc:  # ELOOP: the last part became a symlink; permission denied; an I/O error
+        if exc.errno == errno.ELOOP:
+            raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is a symbolic link that changed while it was opened') from None
         raise BadDocumentError(doc.id, f'file {_short(doc.uri)} cannot be read ({exc.strerror or exc})') from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # a FIFO, a device, a directory
+        os.close(fd)
+        raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is not a regular file')
+    with open(fd, 'rb', closefd=True) as file:
+        opened = _opened_path(fd, info, path_text)
+        if opened is None or not policy.allows_path(opened):
+            raise BadDocumentError(doc.id, _outside_allowed_paths(doc))
+        if info.st_size > MAX_IMAGE_BYTES:
+            raise BadDocumentError(doc.id, f'file {_short(doc.uri)} is larger than {MAX_IMAGE_BYTES} bytes')
+        try:
+            return file.read(MAX_IMAGE_BYTES + 1)
+        except OSError as exc:  # an I/O error
+            raise BadDocumentError(doc.id, f'file {_short(doc.uri)} cannot be read ({exc.strerror or exc})') from None
+
+
+def _opened_path(fd: int, info: os.stat_result, path_text: str) -> Optional[Path]:
+    """Where the open file really is: /proc's link of the descriptor, or else the name resolved again if it
+    is still the very file opened (same device and inode); None when it is not."""
+    try:
+        return Path(os.readlink(f'/proc/self/fd/{fd}'))
+    except OSError:  # no /proc (macOS)
+        pass
+    path = Path(path_text).expanduser().resolve()
+    try:
+        now = os.stat(path)
+    except OSError:
+        return None
+    return path if (now.st_dev, now.st_ino) == (info.st_dev, info.st_ino) else None
+
+
+def _outside_allowed_paths(doc) -> str:
+    return (
+        f'uri {_short(doc.uri)} is a path on the server, which opens no path a request names: send the '
+        f'image bytes (clip_search.Client and clip_client send local files so), or start the service '
+        f'with --allow-path DIR to let it read files under DIR'
+    )
 
 
 def _check_mime(doc) -> None:

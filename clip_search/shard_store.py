@@ -8,7 +8,8 @@ from the store when the snapshot is missing, damaged (size or CRC-32) or built w
 
 Layout of a shard's folder::
 
-    snapshot-<g>/   hnsw.bin, cells.db, meta.db, manifest.json (written last: the snapshot is complete)
+    snapshot-<g>/   hnsw.bin, cells.db, meta.db, [pq_codec.params,] manifest.json (written last: the snapshot is complete)
+    vectors.f32     with n_subvectors: the float vectors by offset (clip_search.vector_file), fsynced per write
     journal-<g>.log one JSON line per write: {"op": "put"|"del", "ids": [...]}, fsynced before the write
 
 A snapshot ``snapshot-<g>`` holds every write journalled before generation ``g``; the journals
@@ -29,6 +30,7 @@ import numpy as np
 SNAPSHOT = 'snapshot-'
 JOURNAL = 'journal-'
 FILES = {'hnsw.bin': 'the HNSW graph', 'cells.db': 'the offset table', 'meta.db': 'the id table'}
+CODEC = {'pq_codec.params': 'the PQ codec'}  # in the snapshot of a graph over PQ codes (clip_search.pq)
 MANIFEST = 'manifest.json'
 # RocksDB memory per shard: annlite opens its store with a 256 MB memtable and a 1 GB block cache
 # (optimize_for_point_lookup), which a full read at start fills; the graph lives in HNSW, the store
@@ -144,10 +146,13 @@ def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path
     index.vec_index(0).dump(target / 'hnsw.bin')
     index.cell_table(0).dump(target / 'cells.db')
     index.meta_table.dump(target / 'meta.db')
+    codec = index.vec_index(0).pq_codec
+    if codec is not None:
+        codec.dump(target / next(iter(CODEC)))
     manifest = {
         'settings': settings,
         'documents': index.total_docs,
-        'files': {name: {'size': (target / name).stat().st_size, 'crc32': _crc32(target / name)} for name in FILES},
+        'files': {name: {'size': (target / name).stat().st_size, 'crc32': _crc32(target / name)} for name in _files(codec is not None)},
     }
     write_atomically(target / MANIFEST, json.dumps(manifest, indent=2).encode())
     return target
@@ -171,7 +176,8 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     for key in sorted(set(settings) | set(stored)):
         if stored.get(key) != settings.get(key):
             raise SnapshotError(f'{source.name} was built with {key}={stored.get(key)!r}, not {settings.get(key)!r}')
-    for name, what in FILES.items():
+    compressed = any(name in files for name in CODEC)
+    for name, what in _files(compressed).items():
         path = source / name
         size = path.stat().st_size if path.exists() else None
         expected = files.get(name, {}).get('size')
@@ -180,13 +186,22 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
         if _crc32(path) != files[name]['crc32']:
             raise SnapshotError(f'{source.name}/{name} ({what}) is damaged: CRC-32 mismatch')
     vectors = index.vec_index(0)
-    vectors.load(source / 'hnsw.bin')
+    if compressed:
+        from clip_search.pq import load_graph
+
+        load_graph(vectors, source / 'hnsw.bin', source / next(iter(CODEC)))
+    else:
+        vectors.load(source / 'hnsw.bin')
     vectors._capacity = vectors._index.get_max_elements()  # annlite keeps its own count of the capacity
     single_threaded(index)
     index.cell_table(0).load(source / 'cells.db')
     index.meta_table.load(source / 'meta.db')
     _drop_time_index(index)
     return generation, int(manifest['documents'])
+
+
+def _files(compressed: bool) -> dict:
+    return {**FILES, **CODEC} if compressed else FILES
 
 
 def journalled_ids(folder: Path, from_generation: int) -> list[str]:

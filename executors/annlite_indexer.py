@@ -22,7 +22,8 @@ from docarray import Document, DocumentArray
 from jina import Executor, requests
 
 from clip_search import allocator, shard_store  # annlite itself is imported late, inside shard_store
-from clip_search.params import DEFAULT_LIMIT, validate_max_distance, validate_search_parameters, within_distance
+from clip_search.params import DEFAULT_LIMIT, MAX_LIMIT, validate_max_distance, validate_search_parameters, within_distance
+from clip_search.pq import Compression, check_settings as check_compression
 from clip_search.sharding import (
     ALL,
     ANY,
@@ -56,6 +57,10 @@ class AnnLiteIndexer(Executor):
         max_connection: int = 16,
         index_polling: str = DEFAULT_INDEX_POLLING,
         snapshot_every: int = 20000,
+        n_subvectors: Optional[int] = None,
+        pq_train_size: int = 20000,
+        rerank_factor: int = 10,
+        max_candidates: int = MAX_LIMIT,
         *args,
         **kwargs,
     ):
@@ -73,6 +78,15 @@ class AnnLiteIndexer(Executor):
         :param snapshot_every: snapshot the graph after this many written ids (or 5% of the shard,
             whichever is more), bounding what a restart after a crash replays; a graceful stop
             always snapshots
+        :param n_subvectors: compress the graph with product quantization, this many bytes a document
+            (must divide n_dim; ``--pq N`` on the command line); None keeps float vectors. The float
+            vectors go to a file on disk that re-ranks the graph's candidates exactly (docs/design.md)
+        :param pq_train_size: with n_subvectors, the first this many documents of an empty shard are
+            indexed as floats, then train the codec and move into the compressed graph
+        :param rerank_factor: with n_subvectors, the compressed graph returns ``limit x rerank_factor``
+            candidates, re-scored with their float vectors
+        :param max_candidates: with n_subvectors, the most candidates a query may ask of the graph
+            (``limit x rerank_factor``); a larger limit is refused
         """
         super().__init__(*args, **kwargs)
         allocator.return_large_blocks_to_os()  # this process is the shard's: its freed request buffers leave
@@ -81,6 +95,7 @@ class AnnLiteIndexer(Executor):
                 'AnnLiteIndexer needs n_dim: start the Flow with `python -m clip_search`, '
                 'which sets it from the model, or set uses_with.n_dim to the model embedding size'
             )
+        check_compression(int(n_dim), n_subvectors, pq_train_size, rerank_factor)
         self.shard_id = int(getattr(self.runtime_args, 'shard_id', 0) or 0)
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
         self.default_limit = limit
@@ -93,7 +108,9 @@ class AnnLiteIndexer(Executor):
             'shards': self.shards,
             'columns': [list(column) for column in self.columns],
             'index_polling': self.index_polling,
+            'n_subvectors': n_subvectors,
         }
+        self.max_candidates = max_candidates
         # a snapshot is used only when the graph was built exactly as this shard would build it
         self._snapshot_settings = dict(
             self.settings, shard=self.shard_id, max_connection=max_connection, ef_construction=ef_construction
@@ -109,6 +126,10 @@ class AnnLiteIndexer(Executor):
             ef_search=ef_search,
             max_connection=max_connection,
         )
+        self._compression: Optional[Compression] = None
+        if n_subvectors:
+            self._compression = Compression(self._data_path, int(n_dim), n_subvectors, pq_train_size, rerank_factor)
+            self._compression.attach(self._index)
         self._write_lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
         self._loaded = threading.Event()
         self._load_error: Optional[str] = None
@@ -180,6 +201,8 @@ class AnnLiteIndexer(Executor):
                     self._snapshot()
                 self._journal.close()
                 self._index.close()  # while loading, the loader thread still uses it: the process exit closes it
+                if self._compression:
+                    self._compression.close()
         super().close()
 
     def _answer(self, handler: Callable, *args) -> DocumentArray:
@@ -226,11 +249,13 @@ class AnnLiteIndexer(Executor):
                 path = f'loaded snapshot-{generation} ({documents} documents) and replayed {replayed} changed ids'
             except Exception as exc:  # noqa: BLE001 - any unusable snapshot: the store still has everything
                 shard_store.reset(self._index)
+                if self._compression:  # a new codec from the stored documents (the snapshot's may be the damage)
+                    self._compression.train_from_store(self._index)
                 path = f'rebuilt {shard_store.rebuild(self._index)} documents from the document store ({exc})'
                 replayed = 1
             seen = [*shard_store.generations(folder, shard_store.JOURNAL), *shard_store.generations(folder, shard_store.SNAPSHOT)]
             self._journal = shard_store.Journal(folder, max(seen, default=0))
-            if replayed:  # the next start loads this one instead of replaying or rebuilding again
+            if self._compress_when_ready() or replayed:  # the next start loads this one, not replaying again
                 self._snapshot()
             self._restore_after_crash()
             self.loaded_how = path
@@ -261,8 +286,16 @@ class AnnLiteIndexer(Executor):
         with self._write_lock:
             self._journal.record(op, list(ids))
             apply()
-            if self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
+            if self._compress_when_ready() or self._journal.changes >= max(self.snapshot_every, self._index.total_docs // 20):
                 self._snapshot()
+
+    def _compress_when_ready(self) -> bool:
+        """With n_subvectors: once the shard holds ``pq_train_size`` documents, train the codec and
+        compress the graph (True: the caller snapshots, the codec is part of the snapshot)."""
+        done = self._compression.train_when_ready(self._index) if self._compression else None
+        if done:
+            self.logger.info(f'shard {self.shard_id}/{self.shards}: {done}')
+        return bool(done)
 
     def _index_docs(self, docs: DocumentArray) -> DocumentArray:
         mine = self._owned(docs) if self.index_polling == ALL else self._all_checked(docs)
@@ -304,6 +337,7 @@ class AnnLiteIndexer(Executor):
             parameters, self.default_limit, [name for name, _ in self.columns]
         )
         max_distance = validate_max_distance(parameters.get('max_distance'))
+        self._check_candidates(limit)
         self._check_embeddings(docs)
         if self._index.total_docs == 0:
             for doc in docs:
@@ -311,7 +345,10 @@ class AnnLiteIndexer(Executor):
             return docs
         try:
             if search_filter or self._index.n_cells != 1:
-                self._index.search(docs, filter=search_filter, limit=limit)
+                compressed = self._compression and self._compression.trained(self._index)
+                self._index.search(docs, filter=search_filter, limit=self._compression.candidates(limit) if compressed else limit)
+                if compressed:  # the matches carry their stored embeddings: exact distances from them
+                    self._compression.rerank_matches(docs, limit)
                 _finish_matches(docs)
             else:
                 self._search_unfiltered(docs, limit)
@@ -338,8 +375,11 @@ class AnnLiteIndexer(Executor):
         vectors, store = self._index.vec_index(0), self._index.doc_store(0)
         k = min(limit, self._index.total_docs)
         queries = np.asarray(docs.embeddings, dtype=np.float32).reshape(len(docs), -1)
-        vectors._index.set_ef(max(vectors.ef_search, k))
-        offsets, distances = vectors._index.knn_query(l2_normalize(queries), k=k, num_threads=1)
+        if self._compression and self._compression.trained(self._index):
+            offsets, distances = self._compression.nearest(self._index, queries, k)
+        else:
+            vectors._index.set_ef(max(vectors.ef_search, k))
+            offsets, distances = vectors._index.knn_query(l2_normalize(queries), k=k, num_threads=1)
         id_of = self._ids_of_offsets(np.unique(offsets).tolist())
         for doc, row_offsets, row_distances in zip(docs, offsets, distances):
             ids = [id_of.get(int(offset)) for offset in row_offsets]
@@ -348,6 +388,15 @@ class AnnLiteIndexer(Executor):
             for match in matches:
                 _finish_match(match, distance_of[match.id])
             doc.matches = matches
+
+    def _check_candidates(self, limit: int) -> None:
+        if self._compression and self._compression.candidates(limit) > self.max_candidates:
+            factor = self._compression.rerank_factor
+            raise ValueError(
+                f'parameter limit={limit} asks the compressed index for {limit} x rerank_factor {factor} = '
+                f'{limit * factor} candidates, above max_candidates={self.max_candidates}: '
+                f'ask for at most {self.max_candidates // factor} matches'
+            )
 
     def _ids_of_offsets(self, offsets: list) -> dict:
         """HNSW offsets to document ids, one SQL query per 900 offsets (annlite asks one per offset)."""
@@ -514,7 +563,7 @@ def _check_or_write_settings(data_path: Path, settings: dict) -> None:
     settings_file = data_path / SETTINGS_FILE
     if settings_file.exists():
         stored = json.loads(settings_file.read_text())
-        for key in ('n_dim', 'metric', 'shards', 'columns'):
+        for key in ('n_dim', 'metric', 'shards', 'columns', 'n_subvectors'):
             if stored.get(key) != settings[key]:
                 raise ValueError(
                     f'workspace {data_path} was built with {key}={stored.get(key)!r}, '

@@ -63,6 +63,13 @@ def test_quick_benchmark_at_tiny_size_writes_its_report(tmp_path):
     assert [row['shards'] for row in results['flow']] == [1, 2]
     assert all(row['recall_at_10'] >= 0.9 for row in results['flow'])
     assert '| ours: AnnLiteIndexer.search |' in (tmp_path / 'results.md').read_text()
+    throughput = results['throughput']  # CPU per search by process, and searches/s under concurrent clients
+    pods = {'gateway/rep-0', 'encoder/rep-0', 'indexer/head', 'indexer/shard-0/rep-0', 'indexer/shard-1/rep-0', 'indexer/uses_after-0'}
+    assert pods <= set(throughput['embedding']['by_process_ms'])  # every process of the Flow named (py-spy)
+    assert throughput['embedding']['by_process_ms']['encoder/rep-0'] < throughput['text']['by_process_ms']['encoder/rep-0']
+    assert throughput['embedding']['wrong'] == 0 and throughput['concurrent']['wrong'] == 0
+    assert throughput['concurrent']['searches'] > 0 and throughput['concurrent']['error_count'] == 0
+    assert '| concurrent clients | searches/s |' in (tmp_path / 'results.md').read_text()
 
 
 @pytest.mark.slow

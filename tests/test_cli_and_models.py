@@ -52,7 +52,8 @@ def test_the_indexer_and_its_merger_are_told_the_polling_of_index(tmp_path, tiny
     flow_file.write_text(yaml.safe_dump(config))
     served = prepare_flow_config(flow_file, model=str(tiny_model))
     assert served['executors'][1]['uses_with']['index_polling'] == polling  # the merger inherits uses_with
-    assert served['gateway']['uses'] == 'CheckedGRPCGateway' and served['gateway']['uses_with'] == {'indexer': 'indexer'}
+    assert served['gateway']['uses'] == 'CheckedGRPCGateway'
+    assert served['gateway']['uses_with'] == {'indexer': 'indexer', 'encoder': 'encoder'}  # its direct /search
 
 
 @pytest.mark.parametrize(

@@ -197,3 +197,36 @@ def test_the_compose_topology_indexes_and_searches_as_separate_processes(tmp_pat
             assert json.loads(settings.read_text())['shards'] == 2
     finally:
         services.stop()
+
+
+def test_an_export_with_api_keys_names_secrets_and_holds_no_key(tmp_path, monkeypatch):
+    monkeypatch.setenv('CLIP_SEARCH_API_KEYS', 'a-key-that-must-not-be-exported-0001')  # as if the exporting shell had one
+    export(monkeypatch, 'docker-compose', 'flows/search_flow.yml', '--api-keys', '-o', str(tmp_path / 'compose.yml'))
+    text = (tmp_path / 'compose.yml').read_text()
+    assert 'must-not-be-exported' not in text
+    compose = yaml.safe_load(text)
+    gateway = compose['services']['gateway']
+    assert gateway['secrets'] == ['clip_search_api_keys', 'clip_search_read_only_keys']
+    assert 'CLIP_SEARCH_API_KEYS_FILE=/run/secrets/clip_search_api_keys' in gateway['environment']
+    assert compose['secrets'] == {
+        'clip_search_api_keys': {'file': './secrets/api_keys'},
+        'clip_search_read_only_keys': {'file': './secrets/read_only_keys'},
+    }
+    assert not any('secrets' in service for name, service in compose['services'].items() if name != 'gateway')
+    assert not any('ports' in service for name, service in compose['services'].items() if name != 'gateway')
+    checked = subprocess.run(
+        [sys.executable, '-m', 'check_jsonschema', '--builtin-schema', 'vendor.compose-spec', str(tmp_path / 'compose.yml')],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    export(monkeypatch, 'kubernetes', 'flows/search_flow.yml', '--api-keys', '-o', str(tmp_path / 'k8s'))
+    (deployment,) = [d for d in yaml.safe_load_all((tmp_path / 'k8s' / 'gateway' / 'gateway.yml').read_text()) if d['kind'] == 'Deployment']
+    env = {e['name']: e for e in deployment['spec']['template']['spec']['containers'][0]['env']}
+    assert env['CLIP_SEARCH_API_KEYS'] == {
+        'name': 'CLIP_SEARCH_API_KEYS', 'valueFrom': {'secretKeyRef': {'name': 'clip-search-api-keys', 'key': 'api-keys'}}
+    }
+    assert env['CLIP_SEARCH_READ_ONLY_KEYS']['valueFrom']['secretKeyRef']['optional'] is True
+    assert not any('must-not-be-exported' in p.read_text() for p in (tmp_path / 'k8s').rglob('*.yml'))
+    (policy,) = yaml.safe_load_all((tmp_path / 'k8s' / 'network-policy.yml').read_text())
+    assert policy['kind'] == 'NetworkPolicy' and policy['spec']['ingress'] == [{'from': [{'podSelector': {}}]}]

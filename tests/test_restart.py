@@ -16,6 +16,7 @@ import pytest
 from docarray import Document, DocumentArray
 
 from clip_search.sharding import ShardError, split_shard_answers
+from helpers.service import flow_compressed
 
 DIM = 64  # the tiny model's embedding size: documents sent with an embedding skip the encoder
 
@@ -84,13 +85,16 @@ def test_a_graceful_restart_loads_the_snapshot_and_a_damaged_one_is_rebuilt(tmp_
 
 
 @pytest.mark.slow
-def test_after_kill_9_every_acknowledged_write_since_the_snapshot_is_there(tmp_path, service_factory):
+@pytest.mark.parametrize('pq', [None, 16], ids=['float', 'pq16'])
+def test_after_kill_9_every_acknowledged_write_since_the_snapshot_is_there(tmp_path, service_factory, pq):
     workspace = tmp_path / 'workspace'
-    first = service_factory(shards=2, workspace=workspace)
+    # --pq 16 with pq_train_size 256: each shard's 1000 documents are in a compressed graph before the kill
+    settings = dict(flow_file=flow_compressed(tmp_path, pq_train_size=256), extra_args=('--pq', str(pq))) if pq else {}
+    first = service_factory(shards=2, workspace=workspace, **settings)
     first.client().index(embedded('k', vectors(2000, seed=1)), batch_size=500)
     assert first.stop() == 0  # the snapshot now holds the 2000
 
-    service = service_factory(shards=2, workspace=workspace)
+    service = service_factory(shards=2, workspace=workspace, **settings)
     client = service.client()
     new, moved = vectors(100, seed=3), vectors(20, seed=4)
     client.index(embedded('new', new))
@@ -99,7 +103,7 @@ def test_after_kill_9_every_acknowledged_write_since_the_snapshot_is_there(tmp_p
     assert answer[:, 'id'] == [f'k{i}' for i in range(100, 120)] and answer[0].embedding is None  # ids, not embeddings
     service.kill()  # kill -9 of every process: no snapshot of these writes
 
-    service = service_factory(shards=2, workspace=workspace)
+    service = service_factory(shards=2, workspace=workspace, **settings)
     paths = restart_paths(service.log())
     replayed = [int(re.search(r'replayed (\d+) changed ids', p).group(1)) for p in paths.values()]
     assert sum(replayed) == 100 + 50 + 20, paths  # each shard replays the ids it journalled, no more

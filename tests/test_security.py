@@ -79,6 +79,10 @@ def test_executors_listen_on_loopback_even_when_the_gateway_is_public(service_fa
     internal = [a for a in addresses if not a.endswith(f':{service.port}')]
     assert gateway and not any('127.0.0.1' in a for a in gateway)  # the public port, on every interface
     assert len(internal) >= 4 and all('127.0.0.1' in a for a in internal), internal
+    assert (
+        f'clip-search: no API key is set: anyone who can reach grpc://0.0.0.0:{service.port} can search, index and '
+        f'delete; start with --api-key KEY (or CLIP_SEARCH_API_KEYS) to require one'
+    ) in service.log()
 
 
 def test_web_port_with_tls_is_refused_before_the_flow_starts(certificate, tiny_model, capsys):

@@ -12,23 +12,38 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import threading
+import urllib.parse
+import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from docarray import Document
 from PIL import Image
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from clip_search.client import Client, RequestError
-from clip_search.media import MAX_IMAGE_PIXELS, BadDocumentError, MediaPolicy, decode_data_uri, load_image
+from clip_search.auth import UNAUTHENTICATED, KeyRing
+from clip_search.media import (
+    IMAGE_FORMATS,
+    MAX_IMAGE_PIXELS,
+    BadDocumentError,
+    MediaPolicy,
+    decode_data_uri,
+    load_image,
+    unidentified_reason,
+)
 from clip_search.params import DEFAULT_LIMIT, validate_limit, validate_max_distance
 
 STATIC_DIR = Path(__file__).resolve().parent / 'static'
@@ -37,6 +52,8 @@ MAX_BODY_BYTES = MAX_UPLOAD_BYTES * 4 // 3 + 2**20  # an upload as a base64 data
 FLOW_TIMEOUT = 30.0  # seconds a search or status call to the Flow may take
 THUMBNAIL_SIZE = 256
 THUMBNAIL_THREADS = 2
+LOCAL_HOSTS = ('localhost', '127.0.0.1', '::1')  # the names a page on this machine is reached by
+LOGGER = logging.getLogger('clip_search.web')
 FILTER_OPERATORS = {'!=': '$neq', '<=': '$lte', '>=': '$gte', '=': '$eq', '<': '$lt', '>': '$gt'}
 
 
@@ -183,16 +200,18 @@ def parse_max_distance(value: Any) -> Optional[float]:
 
 
 def image_query(data: bytes, source: str = 'image') -> Document:
-    """An uploaded image as a query Document; refuse what is empty, too big or not an image."""
+    """An uploaded image as a query Document; refuse what is empty, too big or not an image (it decodes: run it off the loop)."""
     if not data:
         raise BadRequest(f'{source} is empty')
     if len(data) > MAX_UPLOAD_BYTES:
         raise BadRequest(f'{source} has {len(data)} bytes, more than {MAX_UPLOAD_BYTES} (resize it first)')
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:  # the encoder's decoders, no others
             pixels = image.size[0] * image.size[1]
             image.verify()
-    except Exception as exc:  # not an image, truncated, a decompression bomb: the caller's fault
+    except Image.UnidentifiedImageError:  # EPS, PDF, PSD ...: named, never decoded
+        raise BadRequest(f'{source} {unidentified_reason(data)}') from None
+    except Exception as exc:  # truncated, a decompression bomb: the caller's fault
         raise BadRequest(f'{source} is not a readable image ({exc})') from None
     if pixels > MAX_IMAGE_PIXELS:
         raise BadRequest(f'{source} has {pixels} pixels, more than {MAX_IMAGE_PIXELS} (resize it first)')
@@ -205,13 +224,18 @@ def create_app(
     thumbnail_threads: int = THUMBNAIL_THREADS,
     media: MediaPolicy = MediaPolicy(),
     timeout: float = FLOW_TIMEOUT,
+    allowed_hosts: Sequence[str] = LOCAL_HOSTS,
+    keys: KeyRing = KeyRing(),
+    gateway_key: Optional[str] = None,
 ) -> Starlette:
     """The web app for the clip-search Flow at ``server`` (``grpc://host:port``).
 
     ``media`` is what the thumbnails may read (the encoder's policy); ``timeout`` bounds each call to the Flow.
+    ``allowed_hosts`` are the Host names it answers (others get 400: DNS rebinding); with ``keys``, its API
+    asks each request for one of them, and it calls the Flow with ``gateway_key``.
     """
     pool = ThreadPoolExecutor(max_workers=thumbnail_threads, thread_name_prefix='clip-search-thumbnails')
-    client = Client(server, timeout=timeout)
+    client = Client(server, timeout=timeout, api_key=gateway_key)
     searched = SearchedDocuments(media)
 
     async def in_pool(function: Callable, *args) -> Any:
@@ -227,7 +251,7 @@ def create_app(
             return _error(exc.status, str(exc))
         try:
             results = await client.asearch([query], limit=limit, filter=search_filter, max_distance=max_distance)
-        except RequestError as exc:
+        except RequestError as exc:  # the indexer's reason names the parameter; a web query names no server path
             return _error(400, exc.reason)
         except Exception as exc:  # the Flow is down, unreachable or hung: not the caller's fault
             return _service_error(exc, timeout)
@@ -259,8 +283,8 @@ def create_app(
             return _error(404, f'no indexed image with id {doc_id!r} was found by a search')
         try:
             data = await in_pool(searched.thumbnail, doc)
-        except BadDocumentError as exc:  # a path outside --allow-path, a private host, a file gone
-            return _error(404, f'the image of {doc_id!r} cannot be shown: {exc.reason}')
+        except BadDocumentError as exc:  # a path outside --allow-path, a private host, a file gone: logged, not told
+            return _error(404, f'the image of {doc_id!r} cannot be shown (error {_logged(exc.reason)})')
         return Response(data, media_type='image/jpeg', headers={'Cache-Control': 'private, max-age=300'})
 
     @contextlib.asynccontextmanager
@@ -275,7 +299,45 @@ def create_app(
         Route('/api/thumbnail', thumbnail),
         Mount('/static', StaticFiles(directory=STATIC_DIR), name='static'),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = [
+        Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)),
+        Middleware(SameSitePosts),
+        Middleware(ApiKeys, keys=keys),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+
+
+class SameSitePosts:
+    """Refuse a POST that another site's page sends (its Origin names another host, or the browser says
+    Sec-Fetch-Site: cross-site): a simple cross-site POST needs no CORS preflight. Starlette has no such check."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] == 'http' and scope['method'] not in ('GET', 'HEAD', 'OPTIONS'):
+            headers = {key.decode('latin-1').lower(): value.decode('latin-1') for key, value in scope['headers']}
+            origin, host = headers.get('origin'), headers.get('host', '')
+            cross_site = headers.get('sec-fetch-site') == 'cross-site'
+            if cross_site or (origin is not None and urllib.parse.urlsplit(origin).netloc.lower() != host.lower()):
+                message = 'a request from another site is refused: use the search page of this server'
+                return await _error(403, message)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+class ApiKeys:
+    """With keys, every /api/ request needs one (``Authorization: Bearer KEY``); the page itself and its
+    script are open, so that it can ask for the key. Every key may use the API: it only reads."""
+
+    def __init__(self, app, keys: KeyRing):
+        self.app, self.keys = app, keys
+
+    async def __call__(self, scope, receive, send):
+        if self.keys.enabled and scope['type'] == 'http' and scope['path'].startswith('/api/'):
+            authorization = dict(scope['headers']).get(b'authorization', b'').decode('latin-1')
+            if self.keys.access(authorization) is None:
+                return await _error(401, UNAUTHENTICATED)(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 async def _read_search_request(request: Request) -> tuple[Document, int, Optional[dict], Optional[float]]:
@@ -319,9 +381,9 @@ async def _capped(request: Request) -> Request:
 async def _query_document(fields: dict) -> Document:
     image, text = fields.get('image'), fields.get('query')
     if isinstance(image, UploadFile):
-        return image_query(await image.read())
+        return await run_in_threadpool(image_query, await image.read())
     if isinstance(image, str) and image:
-        return image_query(_decode_data_uri(image))
+        return await run_in_threadpool(image_query, _decode_data_uri(image))
     if image not in (None, ''):
         raise BadRequest('image must be an uploaded file or a data URI (data:image/png;base64,...)')
     if not isinstance(text, str) or not text.strip():
@@ -343,7 +405,7 @@ def _match_json(match: Document, is_image: bool) -> dict:
     return {
         'id': match.id,
         'text': match.text or None,
-        'uri': match.uri if match.uri and not match.uri.startswith('data:') else None,
+        'uri': _public_uri(match.uri),
         'distance': float(match.scores['cosine'].value or 0.0),
         'tags': dict(match.tags),
         'thumbnail': f'/api/thumbnail?id={_quote(match.id)}' if is_image else None,
@@ -356,11 +418,29 @@ def _quote(value: str) -> str:
     return quote(value, safe='')
 
 
+def _public_uri(uri: str) -> Optional[str]:
+    """What the browser is told of a match's uri: a web address whole, of a server path its file name only."""
+    if not uri or uri.startswith('data:'):
+        return None
+    if urllib.parse.urlsplit(uri).scheme.lower() in ('http', 'https'):
+        return uri
+    return Path(urllib.parse.urlsplit(uri).path if uri.startswith('file:') else uri).name or None
+
+
 def _service_error(exc: Exception, timeout: float) -> JSONResponse:
-    """504 when the Flow did not answer in time, 502 when it could not be reached."""
+    """504 when the Flow did not answer in time, 502 when it could not be reached; the details go to the log."""
     if isinstance(exc, TimeoutError) or 'deadline exceeded' in str(exc).lower():
         return _error(504, f'the search service did not answer within {timeout:g} s')
-    return _error(502, f'the search service did not answer: {exc}')
+    if 'unauthenticated' in str(exc).lower() or 'permission_denied' in str(exc).lower():
+        return _error(502, f'the search service refused the web page\'s key; ask its operator (error {_logged(exc)})')
+    return _error(502, f'the search service did not answer; try again in a moment (error {_logged(exc)})')
+
+
+def _logged(detail: Any) -> str:
+    """Log what the browser must not see (exception text, server paths) under a new id; return the id."""
+    error_id = uuid.uuid4().hex[:12]
+    LOGGER.warning('clip-search web error %s: %s', error_id, detail)
+    return error_id
 
 
 def _error(status: int, message: str) -> JSONResponse:

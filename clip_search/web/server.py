@@ -6,7 +6,9 @@ import contextlib
 import socket
 import threading
 import time
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
+
+MAX_CONCURRENT_REQUESTS = 64  # connections and requests the page serves at once
 
 
 class WebServerError(RuntimeError):
@@ -32,19 +34,30 @@ def bind_web_socket(host: str, port: int) -> socket.socket:
 
 @contextlib.contextmanager
 def serve_web_page(
-    sock: socket.socket, grpc_server: str, model: Optional[str] = None, ready_timeout: float = 30, **app_options
+    sock: socket.socket,
+    grpc_server: str,
+    model: Optional[str] = None,
+    ready_timeout: float = 30,
+    allowed_hosts: Sequence[str] = (),
+    **app_options,
 ) -> Iterator[str]:
     """Serve the search page on ``sock`` for the Flow at ``grpc_server`` until the block ends; yield its URL.
 
-    ``app_options`` go to ``create_app`` (``media``: what thumbnails may read, ``timeout``: per call to the Flow).
+    It answers requests whose Host is localhost, the bound address or one of ``allowed_hosts``.
+    ``app_options`` go to ``create_app`` (``media``: what thumbnails may read, ``timeout``: per call to the
+    Flow, ``keys`` and ``gateway_key``).
     """
     import uvicorn
 
-    from clip_search.web.app import create_app
+    from clip_search.web.app import LOCAL_HOSTS, create_app
 
+    bound = sock.getsockname()[0]
+    hosts = [*LOCAL_HOSTS, *([bound] if bound not in ('0.0.0.0', '::') else []), *allowed_hosts]
     config = uvicorn.Config(
-        create_app(grpc_server, model=model, **app_options), loop='asyncio', log_level='warning', access_log=False, lifespan='on'
-    )
+        create_app(grpc_server, model=model, allowed_hosts=hosts, **app_options),
+        loop='asyncio', log_level='warning', access_log=False, lifespan='on',
+        limit_concurrency=MAX_CONCURRENT_REQUESTS,  # past it, uvicorn answers 503 at once instead of queueing
+    )  # fmt: skip
     server = uvicorn.Server(config)  # not in the main thread: uvicorn leaves the signals to the CLI
     thread = threading.Thread(target=server.run, kwargs={'sockets': [sock]}, name='clip-search-web', daemon=True)
     thread.start()

@@ -72,6 +72,20 @@ def flow_polling_index(directory: str | Path, polling: str) -> Path:
     return path
 
 
+def flow_compressed(directory: str | Path, pq_train_size: int, polling: str = 'ANY') -> Path:
+    """The shipped Flow with the indexer's ``pq_train_size`` set, as a user would edit it (``--pq`` turns PQ on)."""
+    import yaml
+
+    source = flow_polling_index(directory, polling) if polling != 'ANY' else FLOW_FILE
+    config = yaml.safe_load(Path(source).read_text())
+    indexer = next(executor for executor in config['executors'] if executor['uses'] == 'AnnLiteIndexer')
+    indexer['uses_with']['pq_train_size'] = pq_train_size
+    path = Path(directory) / f'search_flow_pq_{polling.lower()}.yml'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 class Service:
     """A clip-search server started with ``python -m clip_search`` in a subprocess."""
 

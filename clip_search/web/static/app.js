@@ -8,6 +8,29 @@ const imageInput = $('image-input');
 const dropZone = $('drop-zone');
 let queryImage = null; // a File when searching by image
 
+// With API keys, the API answers 401 until the page sends one: asked once, kept for this tab only.
+const KEY_STORE = 'clip-search-api-key';
+
+function authHeaders() {
+  const key = sessionStorage.getItem(KEY_STORE);
+  return key ? {'Authorization': `Bearer ${key}`} : {};
+}
+
+async function api(path, options = {}) {
+  let response = await fetch(path, {...options, headers: {...(options.headers || {}), ...authHeaders()}});
+  if (response.status === 401 && askForKey(sessionStorage.getItem(KEY_STORE) ? 'That key was refused.' : '')) {
+    response = await fetch(path, {...options, headers: {...(options.headers || {}), ...authHeaders()}});
+  }
+  return response;
+}
+
+function askForKey(why) {
+  const key = window.prompt(`${why} This search service needs an API key:`.trim());
+  if (!key) return false;
+  sessionStorage.setItem(KEY_STORE, key.trim());
+  return true;
+}
+
 function showError(message) {
   $('error').textContent = message;
   $('error').hidden = !message;
@@ -72,7 +95,7 @@ async function runSearch() {
   document.body.classList.add('busy');
   const started = performance.now();
   try {
-    const response = await fetch('/api/search', {method: 'POST', ...requestBody()});
+    const response = await api('/api/search', {method: 'POST', ...requestBody()});
     const answer = await response.json();
     if (!response.ok) {
       showError(answer.error || `search failed (${response.status})`);
@@ -105,7 +128,7 @@ function card(match, index) {
   const media = element('div', 'media');
   if (match.thumbnail) {
     const img = element('img');
-    img.src = match.thumbnail;
+    showThumbnail(img, match.thumbnail);
     img.alt = displayName(match);
     img.loading = 'lazy';
     img.addEventListener('error', () => media.replaceChildren(element('span', 'missing', 'image unavailable')));
@@ -134,6 +157,18 @@ function card(match, index) {
   return article;
 }
 
+function showThumbnail(img, url) {
+  if (!sessionStorage.getItem(KEY_STORE)) {
+    img.src = url;
+    return;
+  }
+  // an <img> cannot send the key: fetch the picture with it
+  api(url)
+    .then((response) => (response.ok ? response.blob() : Promise.reject(new Error(response.status))))
+    .then((blob) => { img.src = URL.createObjectURL(blob); })
+    .catch(() => img.dispatchEvent(new Event('error')));
+}
+
 function displayName(match) {
   if (match.text) return match.text;
   if (match.uri) return match.uri.split(/[\\/]/).pop();
@@ -149,7 +184,7 @@ function element(tag, className, text) {
 
 async function loadStatus() {
   try {
-    const response = await fetch('/api/status');
+    const response = await api('/api/status');
     const status = await response.json();
     if (!response.ok) throw new Error(status.error);
     const parts = [`${status.documents} documents`, `${status.shards.length} shards`];
