@@ -1,9 +1,9 @@
 """The Python client: ``Client('grpc://host:61000')`` with encode, index, search, rank, update, delete, status.
 
-A thin layer over ``jina.Client`` (which does the streaming, batching and the progress bar for
-gRPC, HTTP and WebSocket): it turns strings, paths and URLs into Documents the way ``clip_client``
-does, and turns answers into plain Python values. Every method has an ``a``-prefixed coroutine
-twin (``await client.asearch(...)``) for asyncio code.
+A layer over ``jina.Client`` (which speaks gRPC, HTTP and WebSocket): it turns strings, paths and
+URLs into Documents the way ``clip_client`` does, streams them in batches with a bounded number in
+flight (``pipeline``), and turns answers into plain Python values. Every method has an
+``a``-prefixed coroutine twin (``await client.asearch(...)``) for asyncio code.
 """
 
 from __future__ import annotations
