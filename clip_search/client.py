@@ -1,16 +1,15 @@
 """The Python client: ``Client('grpc://host:61000')`` with encode, index, search, rank, update, delete, status.
 
-A thin layer over ``jina.Client`` (which does the streaming, batching and the progress bar for
-gRPC, HTTP and WebSocket): it turns strings, paths and URLs into Documents the way ``clip_client``
-does, and turns answers into plain Python values. Every method has an ``a``-prefixed coroutine
-twin (``await client.asearch(...)``) for asyncio code.
+A layer over ``jina.Client`` (which speaks gRPC, HTTP and WebSocket): it turns strings, paths and
+URLs into Documents the way ``clip_client`` does, streams them in batches with a bounded number in
+flight (``pipeline``), and turns answers into plain Python values. Every method has an
+``a``-prefixed coroutine twin (``await client.asearch(...)``) for asyncio code.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import itertools
 import mimetypes
 import os
 import sys
@@ -31,6 +30,7 @@ from clip_search.sharding import LOOKUP
 Input = Union[str, Document]
 Inputs = Union[Input, DocumentArray, Iterable[Input]]
 DEFAULT_BATCH_SIZE = 64
+BATCH_BYTES = 16 * 2**20  # content (blobs, texts) of one request, at most (a single larger document goes alone)
 PROTOCOLS = ('grpc', 'grpcs', 'http', 'https', 'ws', 'wss', 'websocket')
 T = TypeVar('T')
 P = ParamSpec('P')
@@ -325,12 +325,21 @@ async def pipeline(
                 pass
 
 
-def batches(docs: Iterator[Document], batch_size: int) -> Iterator[DocumentArray]:
-    """``docs`` in DocumentArrays of ``batch_size`` (the last may be shorter), read lazily."""
-    while True:
-        batch = DocumentArray(itertools.islice(docs, batch_size))
-        if not batch:
-            return
+def batches(docs: Iterator[Document], batch_size: int, max_bytes: int = BATCH_BYTES) -> Iterator[DocumentArray]:
+    """``docs`` in DocumentArrays of ``batch_size``, or fewer when their content reaches ``max_bytes``, read lazily.
+
+    The byte bound keeps a batch of large photos under the gateway's request limit (64 MiB in the
+    shipped YAML) and bounds what the requests in flight hold in memory.
+    """
+    batch, size = DocumentArray(), 0
+    for doc in docs:
+        doc_size = len(doc.blob or b'') + len(doc.text or '')
+        if batch and (len(batch) >= batch_size or size + doc_size > max_bytes):
+            yield batch
+            batch, size = DocumentArray(), 0
+        batch.append(doc)
+        size += doc_size
+    if batch:
         yield batch
 
 

@@ -10,6 +10,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -19,6 +20,7 @@ from clip_search.index_run import EXIT_CANNOT_RUN, IndexRun, Settings
 from clip_search.ingest import Columns, SourceError, check_sources
 
 DEFAULT_SERVER = inspect.signature(Client).parameters['server'].default
+AUTH_TOKEN_ENV = 'CLIP_AUTH_TOKEN'  # clip_client's variable for the same key
 IN_FLIGHT = inspect.signature(Client).parameters['in_flight'].default
 
 
@@ -45,9 +47,14 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     return {'index': index_parser, 'search': search_parser, 'status': status_parser, 'delete': delete_parser}
 
 
-def _connection_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+def _connection_options(parser: argparse.ArgumentParser, timeout: float = 60.0) -> argparse.ArgumentParser:
     parser.add_argument('--server', default=DEFAULT_SERVER, help=f'the running service (default: {DEFAULT_SERVER})')
-    parser.add_argument('--timeout', type=float, default=60.0, help='seconds one request may take (default: 60)')
+    parser.add_argument('--timeout', type=float, default=timeout, help=f'seconds one request may take (default: {timeout:g})')
+    parser.add_argument(
+        '--api-key', default=os.environ.get(AUTH_TOKEN_ENV),
+        help=f'the service\'s API key, if it requires one (default: ${AUTH_TOKEN_ENV}, as clip_client reads it; '
+        'the variable keeps the key off the process list)',
+    )  # fmt: skip
     return parser
 
 
@@ -67,7 +74,7 @@ def index_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=int, default=DEFAULT_BATCH_SIZE, help=f'documents per request (default: {DEFAULT_BATCH_SIZE})')
     parser.add_argument('--in-flight', type=int, default=IN_FLIGHT, help=f'requests awaiting an answer at once (default: {IN_FLIGHT})')
     parser.add_argument('--threads', type=int, default=4, help='threads reading local files (default: 4)')
-    return _connection_options(parser)
+    return _connection_options(parser, timeout=600.0)  # a batch of images waits behind the batches in flight
 
 
 def run_index(args: argparse.Namespace, out=None, err=None) -> int:
@@ -177,7 +184,7 @@ def run_delete(args: argparse.Namespace) -> int:
 def _reachable_client(args: argparse.Namespace, in_flight: int = IN_FLIGHT, status: bool = False):
     """A client of ``--server`` that answered a status request (or that status, with ``status``)."""
     try:
-        client = Client(args.server, timeout=args.timeout, in_flight=in_flight)
+        client = Client(args.server, timeout=args.timeout, in_flight=in_flight, api_key=args.api_key)
     except ValueError as exc:
         raise CommandError(str(exc)) from None
     answer = _request(client.status, what=f'cannot reach the server at {args.server}')

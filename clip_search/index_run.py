@@ -119,7 +119,12 @@ class IndexRun:
         self._checkpoint = Checkpoint(checkpoint_path(settings.failures))
 
     def run(self) -> int:
-        done = self._already_indexed() if self.settings.resume else set()
+        try:
+            done = self._already_indexed() if self.settings.resume else set()
+        except Exception as exc:  # the checkpoint stays as it was: the next --resume asks again
+            reason = exc.reason if isinstance(exc, RequestError) else (str(exc).splitlines() or [type(exc).__name__])[0]
+            print(f'clip-search index: cannot ask the server what the last run stored: {reason}', file=self.err)
+            return EXIT_CANNOT_RUN
         self.before = len(done)
         started = time.monotonic()
         error: Optional[str] = None
@@ -165,6 +170,8 @@ class IndexRun:
 
     def _documents(self, loaded: Iterator) -> Iterator[Document]:
         for entry, doc in loaded:
+            if self.stop.is_set():  # Ctrl-C: what is read ahead is not sent
+                return
             if isinstance(doc, Failure):
                 self._fail(doc.source, doc.id, doc.reason)
                 continue
@@ -214,7 +221,7 @@ class IndexRun:
         if self.before:
             extras.append(f'{self.before:,} of them before --resume')
         if self.tally.skipped:
-            extras.append(f'{self.tally.skipped:,} other files skipped')
+            extras.append(f'{self.tally.skipped:,} other file{"s" if self.tally.skipped != 1 else ""} skipped')
         print(line + ''.join(f'; {e}' for e in extras), file=self.out, flush=True)
 
     def _resume_hint(self) -> str:

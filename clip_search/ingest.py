@@ -279,9 +279,10 @@ def _parquet(path: Path):
 # -- loading ahead -----------------------------------------------------------------------------
 
 
-def load_ahead(items: Iterable[Entry], threads: int = 4, ahead: int = 64) -> Iterator[tuple[Entry, Union[Document, Failure]]]:
-    """``(entry, its Document)`` in order, loaded by ``threads`` threads at most ``ahead`` entries ahead;
-    an entry that cannot be loaded comes with a ``Failure`` instead.
+def load_ahead(items: Iterable[Entry], threads: int = 4) -> Iterator[tuple[Entry, Union[Document, Failure]]]:
+    """``(entry, its Document)`` in order, loaded by ``threads`` threads at most ``4 * threads`` entries
+    ahead (a few large photos, not a folder, in memory); an entry that cannot be loaded comes with a
+    ``Failure`` instead.
 
     Written by hand: ``ThreadPoolExecutor.map`` submits every item at once, which would read a whole
     folder into memory.
@@ -290,7 +291,7 @@ def load_ahead(items: Iterable[Entry], threads: int = 4, ahead: int = 64) -> Ite
     with ThreadPoolExecutor(threads, thread_name_prefix='clip-search-read') as pool:
         for entry in items:
             pending.append((entry, pool.submit(entry.load)))
-            if len(pending) >= ahead:
+            if len(pending) >= 4 * threads:
                 yield _loaded(*pending.popleft())
         while pending:
             yield _loaded(*pending.popleft())

@@ -7,6 +7,7 @@ copy) serves every test here; each test indexes ids of its own and counts by /st
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import re
 import signal
@@ -227,3 +228,25 @@ def _image_doc(root: Path, rel: str):
     from docarray import Document
 
     return Document(id=rel, uri=str((root / rel).resolve()), blob=(root / rel).read_bytes())
+
+
+def test_a_batch_of_large_photos_closes_at_its_byte_bound_not_its_count():
+    from docarray import Document
+
+    from clip_search.client import BATCH_BYTES, batches
+
+    photos = [Document(id=f'p{i}', blob=bytes(BATCH_BYTES // 3)) for i in range(7)]  # a third of the bound each
+    huge = Document(id='huge', blob=bytes(BATCH_BYTES + 1))  # alone, the server says whether it is too large
+    ids = [b[:, 'id'] for b in batches(iter([*photos, huge, Document(id='t', text='a caption')]), batch_size=64)]
+    assert ids == [['p0', 'p1', 'p2'], ['p3', 'p4', 'p5'], ['p6'], ['huge'], ['t']]
+
+
+@pytest.mark.skipif(importlib.util.find_spec('pyarrow') is not None, reason='pyarrow is installed: Parquet is read')
+def test_a_parquet_table_without_pyarrow_is_refused_naming_the_package(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'captions.parquet').write_bytes(b'PAR1')  # never opened: the reader is missing
+    assert main(['index', 'captions.parquet', '--text-column', 'caption', '--server', 'grpc://127.0.0.1:9']) == 2
+    assert capsys.readouterr() == (
+        '',
+        'clip-search index: captions.parquet: reading Parquet needs pyarrow (pip install "clip-search[parquet]")\n',
+    )
