@@ -603,7 +603,7 @@ def main() -> None:
     for system in (Theirs(_mkdir(workdir / 'theirs'), weights, site), Ours(_mkdir(workdir / 'ours'), weights)):
         results[system.name], corpora[system.name] = measure(system, data, size)
         if isinstance(system, Theirs):
-            (out / 'chapter_flow.yml').write_text(system.flow_yaml.read_text())
+            (out / 'chapter_flow.yml').write_text(system.flow_yaml.read_text().replace(f'{ROOT}/', ''))
             results['chapter_shards_stored_in'] = shard_folders(system.workdir)
     a, b = (c / np.linalg.norm(c, axis=1, keepdims=True) for c in corpora.values())
     results['min_cosine_between_the_systems_embeddings'] = float(np.min(np.sum(a * b, axis=1)))  # ~1.0: one model
