@@ -1,8 +1,8 @@
 """Smoke test of bench/system.py: both systems run end to end at a tiny size and the report says what it promises.
 
 Not a timed test (the numbers on a shared machine are whatever they are). It starts four Flows with
-a ViT-B-32 each (both systems, then each again after ``kill -9``), about 2 minutes on a quiet 2-core
-machine and up to 7 on a loaded one, so it is marked slow. clip_server is pip-installed into
+a ViT-B-32 each (both systems, then each again after ``kill -9``): 64 s on this 2-core machine at
+load average 4, 6.5 minutes at load 15-24, so it is marked slow. clip_server is pip-installed into
 bench/.cache on first use (about 15 s): without it there and without the registry, it is skipped.
 """
 
