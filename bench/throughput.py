@@ -177,6 +177,7 @@ def client_main(task: dict, out: Path) -> None:
     client = Client(host=task['address'])
     client.post('/status', inputs=DocumentArray([Document()]))  # connect before the clock starts
     latencies, wrong, errors = [], 0, []
+    cpu_started = time.process_time()  # the client's own CPU: on one machine it shares the cores with the service
     deadline = time.monotonic() + task['seconds']
     while time.monotonic() < deadline:
         row = int(rng.integers(len(corpus)))
@@ -188,7 +189,8 @@ def client_main(task: dict, out: Path) -> None:
             continue
         latencies.append(time.perf_counter() - started)
         wrong += answer[0].matches[0].id != f'd{row}'  # the document itself is the nearest (distance 0)
-    out.write_text(json.dumps({'latencies': latencies, 'wrong': wrong, 'errors': errors, 'started': deadline - task['seconds']}))
+    cpu = time.process_time() - cpu_started
+    out.write_text(json.dumps({'latencies': latencies, 'wrong': wrong, 'errors': errors, 'cpu_s': cpu}))
 
 
 def measure(python: str, cwd: Path, args: argparse.Namespace, work: Path, label: str) -> dict:
@@ -245,6 +247,7 @@ def measure(python: str, cwd: Path, args: argparse.Namespace, work: Path, label:
             'p50_ms': 1000 * median(latencies),
             'p99_ms': 1000 * percentile(latencies, 99),
             'server_cpu_ms_per_search': 1000 * sum(delta.values()) / max(len(latencies), 1),
+            'client_cpu_ms_per_search': 1000 * sum(c['cpu_s'] for c in clients) / max(len(latencies), 1),
             'by_process_ms': {roles.get(pid, str(pid)): 1000 * d / max(len(latencies), 1) for pid, d in delta.items()},
             'wrong': sum(c['wrong'] for c in clients),
             'errors': sorted({e for c in clients for e in c['errors']}),
@@ -354,12 +357,16 @@ def markdown(results: list[dict], floor: list[dict] | None) -> str:
     for label, kind, row in rows:
         per = ' | '.join(f'{row["by_process_ms"].get(name, 0.0):.1f}' for name in PROCESSES)
         lines.append(f'| {label} | {kind} | {row["server_cpu_ms_per_search"]:.1f} | {per} |')
-    lines += ['', '| service | clients | searches/s | p50 ms | p99 ms | server CPU ms per search | wrong | errors |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+    lines += [
+        '',
+        '| service | clients | searches/s | p50 ms | p99 ms | server CPU ms per search | clients\' CPU ms per search | wrong | errors |',
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ]
     for r in results:
         c = r['concurrent']
         lines.append(
             f'| {r["label"]} | {c["clients"]} | {c["searches_per_s"]:.1f} | {c["p50_ms"]:.0f} | {c["p99_ms"]:.0f} | '
-            f'{c["server_cpu_ms_per_search"]:.1f} | {c["wrong"] + r["embedding"]["wrong"]} | {c["error_count"]} |'
+            f'{c["server_cpu_ms_per_search"]:.1f} | {c["client_cpu_ms_per_search"]:.1f} | {c["wrong"] + r["embedding"]["wrong"]} | {c["error_count"]} |'
         )
     for r in results:
         if 'steps_ms' not in r:
