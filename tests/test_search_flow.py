@@ -257,6 +257,19 @@ def test_a_query_carrying_its_embedding_skips_the_encoder_and_finds_what_its_tex
         client.search([Document(id='empty-query')])
 
 
+def test_every_process_of_the_flow_runs_its_event_loop_on_uvloop(service):
+    """The CLI sets uvloop's policy before Jina forks the gateway and the executors (cli.use_uvloop_in_every_process):
+    a runtime on asyncio's own loop shows that loop's Python frames, one on uvloop none."""
+    import subprocess
+
+    loops = {}
+    for pid in service.processes():
+        dump = subprocess.run(['py-spy', 'dump', '--pid', str(pid)], capture_output=True, text=True).stdout
+        if 'run (jina/serve/executors/run.py' in dump:  # a pod of the Flow (the CLI process has no such frame)
+            loops[pid] = 'asyncio' if 'asyncio/base_events.py' in dump else 'uvloop'
+    assert len(loops) == 7 and set(loops.values()) == {'uvloop'}, loops  # gateway, encoder, head, 3 shards, merger
+
+
 def test_images_are_fetched_from_http_urls(service, tmp_path):
     import functools
     import http.server
