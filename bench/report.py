@@ -125,10 +125,11 @@ def markdown(results: dict) -> str:
 
 
 def throughput_section(run: dict) -> list[str]:
-    """CPU per search by process, and searches/s under concurrent clients (bench/throughput.py)."""
+    """CPU per search by process, and searches/s under concurrent clients (bench/throughput.py's own tables)."""
+    from throughput import markdown
+
     c = run['concurrent']
-    processes = sorted(run['embedding']['by_process_ms'], key=lambda name: -run['embedding']['by_process_ms'][name])
-    lines = [
+    return [
         '',
         f'## Throughput: {run["shards"]} shards, {run["docs"]:,} 64-d documents, the unmodified jina.Client',
         '',
@@ -136,21 +137,8 @@ def throughput_section(run: dict) -> list[str]:
         f'{run["embedding"]["searches"]} sequential one-query searches; then {c["clients"]} client processes search '
         f'at once for {c["seconds"]:.0f} s (bench/throughput.py).',
         '',
-        '| query | searches/s, one client | server CPU ms per search | ' + ' | '.join(processes) + ' |',
-        '|---|---:|---:|' + '---:|' * len(processes),
+        *markdown([run], None).splitlines(),
     ]
-    for kind in ('embedding', 'text'):
-        row = run[kind]
-        per = ' | '.join(f'{row["by_process_ms"].get(name, 0.0):.2f}' for name in processes)
-        lines.append(f'| {kind} | {row["searches_per_s"]:.0f} | {row["server_cpu_ms_per_search"]:.1f} | {per} |')
-    lines += [
-        '',
-        '| concurrent clients | searches/s | p50 ms | p99 ms | server CPU ms per search | clients\' CPU ms per search | wrong answers | errors |',
-        '|---:|---:|---:|---:|---:|---:|---:|---:|',
-        f'| {c["clients"]} | {c["searches_per_s"]:.0f} | {c["p50_ms"]:.0f} | {c["p99_ms"]:.0f} | '
-        f'{c["server_cpu_ms_per_search"]:.1f} | {c["client_cpu_ms_per_search"]:.1f} | {c["wrong"] + run["embedding"]["wrong"]} | {c["error_count"]} |',
-    ]
-    return lines
 
 
 def _num(value, spec: str = '.2f') -> str:

@@ -69,7 +69,7 @@ def test_quick_benchmark_at_tiny_size_writes_its_report(tmp_path):
     assert throughput['embedding']['by_process_ms']['encoder/rep-0'] < throughput['text']['by_process_ms']['encoder/rep-0']
     assert throughput['embedding']['wrong'] == 0 and throughput['concurrent']['wrong'] == 0
     assert throughput['concurrent']['searches'] > 0 and throughput['concurrent']['error_count'] == 0
-    assert '| concurrent clients | searches/s |' in (tmp_path / 'results.md').read_text()
+    assert '| service | clients | searches/s |' in (tmp_path / 'results.md').read_text()
 
 
 @pytest.mark.slow
