@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -152,6 +153,22 @@ def sequential_searches(address: str, queries: list, limit: int) -> list[list[st
     return found
 
 
+def cpu_per_search(address: str, queries: list, roles: dict[int, str], limit: int) -> tuple[dict, list[list[str]]]:
+    """Sequential searches, and the service's CPU per search in total and by process; also the ids found."""
+    before = snapshot_cpu(list(roles))
+    started = time.perf_counter()
+    found = sequential_searches(address, queries, limit)
+    seconds = time.perf_counter() - started
+    delta = cpu_delta(before, snapshot_cpu(list(roles)))
+    row = {
+        'searches': len(queries),
+        'searches_per_s': len(queries) / seconds,
+        'server_cpu_ms_per_search': 1000 * sum(delta.values()) / len(queries),
+        'by_process_ms': {roles[pid]: 1000 * d / len(queries) for pid, d in delta.items()},
+    }
+    return row, found
+
+
 def run_clients(address: str, n_clients: int, seconds: float, corpus_file: Path, limit: int, out: Path) -> list[dict]:
     """``n_clients`` client processes searching for ``seconds``; each writes its latencies and wrong answers."""
     procs = []
@@ -213,17 +230,7 @@ def measure(python: str, cwd: Path, args: argparse.Namespace, work: Path, label:
             ('embedding', [corpus[r] for r in rows]),
             ('text', [f'a query about thing {r}' for r in rows]),
         ):
-            before = snapshot_cpu(pids)
-            started = time.perf_counter()
-            found = sequential_searches(service.address, queries, args.limit)
-            seconds = time.perf_counter() - started
-            delta = cpu_delta(before, snapshot_cpu(pids))
-            result[kind] = {
-                'searches': len(queries),
-                'searches_per_s': len(queries) / seconds,
-                'server_cpu_ms_per_search': 1000 * sum(delta.values()) / len(queries),
-                'by_process_ms': {roles.get(pid, str(pid)): 1000 * d / len(queries) for pid, d in delta.items()},
-            }
+            result[kind], found = cpu_per_search(service.address, queries, roles, args.limit)
             if kind == 'embedding':
                 result[kind]['wrong'] = sum(ids[0] != f'd{r}' for ids, r in zip(found, rows))
         profilers = profile_processes(roles, args.seconds - 5, args.profile / label) if args.profile else []
@@ -263,7 +270,6 @@ def measure_floor(args: argparse.Namespace, with_encoder: bool = True) -> dict:
 
     Without the encoder it is the path a query carrying its embedding takes through our gateway.
     """
-    from docarray import Document
     from jina import Flow
 
     from clip_search.cli import use_uvloop_in_every_process
@@ -278,24 +284,13 @@ def measure_floor(args: argparse.Namespace, with_encoder: bool = True) -> dict:
         flow.add(name='indexer', uses='NoopShard', py_modules=modules, shards=args.shards, polling='ALL', uses_after='NoopMerger')
     )
     with flow:
-        pids = [child.pid for child in __import__('multiprocessing').active_children()]
+        pids = [child.pid for child in multiprocessing.active_children()]
         roles = process_roles(pids)
-        query = make_corpus(1)[0]
         address = f'grpc://127.0.0.1:{flow.port}'
         result: dict = {'label': 'floor' if with_encoder else 'floor without the encoder', 'shards': args.shards}
-        for kind, doc in (('embedding', Document(embedding=query)), ('text', Document(text='a query')))[: 2 if with_encoder else 1]:
-            sequential_searches(address, [doc.embedding if kind == 'embedding' else doc.text] * 20, args.limit)
-            before = snapshot_cpu(pids)
-            started = time.perf_counter()
-            sequential_searches(address, [doc.embedding if kind == 'embedding' else doc.text] * args.searches, args.limit)
-            seconds = time.perf_counter() - started
-            delta = cpu_delta(before, snapshot_cpu(pids))
-            result[kind] = {
-                'searches': args.searches,
-                'searches_per_s': args.searches / seconds,
-                'server_cpu_ms_per_search': 1000 * sum(delta.values()) / args.searches,
-                'by_process_ms': {roles.get(pid, str(pid)): 1000 * d / args.searches for pid, d in delta.items()},
-            }
+        for kind, query in (('embedding', make_corpus(1)[0]), ('text', 'a query'))[: 2 if with_encoder else 1]:
+            sequential_searches(address, [query] * 20, args.limit)  # warm up
+            result[kind], _found = cpu_per_search(address, [query] * args.searches, roles, args.limit)
     return result
 
 

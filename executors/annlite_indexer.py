@@ -366,12 +366,13 @@ class AnnLiteIndexer(Executor):
 
     def _held(self, docs: DocumentArray) -> DocumentArray:
         """The check pass of /update: which of the ids this shard holds (the documents need no embedding)."""
-        answer = held_answer(docs[:, 'id'], {doc.id for doc in docs if self._contains(doc.id)})
+        answer = self._lookup(docs)
         if self.shards == 1:  # no merger runs after a single shard: refuse here
             refuse_unheld([answer])
-        return DocumentArray(answer)
+        return answer
 
     def _lookup(self, docs: DocumentArray) -> DocumentArray:
+        """Which of the documents' ids this shard holds (``held_answer``), read-only."""
         return DocumentArray(held_answer(docs[:, 'id'], {doc.id for doc in docs if self._contains(doc.id)}))
 
     def _delete_docs(self, docs: DocumentArray) -> DocumentArray:
