@@ -5,6 +5,7 @@
     python bench/scale.py --docs 200000           # the outside check's size
     python bench/scale.py --docs 5000 --queries 100   # a smoke run
     python bench/scale.py --docs 100000 --pq 64 --no-hnswlib   # float and --pq 64 side by side
+    python bench/scale.py --docs 1000000 --pq 64 --no-hnswlib --float-from bench/results/scale/scale-1000000.json
 
 Measures, in one run: indexing docs/s (documents sent with their embeddings, 1,000 a request, so
 only the index path counts), resident memory of every process empty and full, search p50/p99 over
@@ -12,7 +13,8 @@ the Flow and recall@10 against the exact answer, the restart time until ``/statu
 document after a graceful stop and after ``kill -9`` of every process (with writes, deletes and
 updates after the last snapshot), the single-query QPS of one shard in-process, and bare hnswlib
 on the same split with the same M and ef (in a process of its own: annlite and hnswlib cannot
-share one). Writes ``OUT/scale.json`` and prints a table.
+share one), and one shard's search latency while it writes a snapshot beside without (the
+snapshot runs off the request path: issue 26). Writes ``OUT/scale.json`` and prints a table.
 
 With ``--pq N`` the same corpus then goes through a second Flow started with ``--pq N`` (its own
 workspace), and the summary compares the two: anonymous memory a document (the vector file's page
@@ -101,6 +103,80 @@ def run_hnswlib(task: dict) -> dict:
 # -- one shard in-process: single-query QPS of the indexer itself ---------------------------------
 
 
+def open_shard(task: dict):
+    """Shard ``task['shard']`` of a Flow's workspace, in this process, loaded."""
+    from clip_search.executors.annlite_indexer import AnnLiteIndexer
+
+    folder = Path(task['folder'])
+    settings = json.loads((folder / 'clip_search_index.json').read_text())
+    indexer = AnnLiteIndexer(n_dim=settings['n_dim'], workspace=str(folder.parent.parent), columns=settings['columns'],
+                             n_subvectors=settings.get('n_subvectors'),
+                             runtime_args={'shard_id': task['shard'], 'shards': settings['shards']})  # fmt: skip
+    indexer.wait_loaded()
+    return indexer
+
+
+def run_snapshot_pause(task: dict) -> dict:
+    """Search latency in one shard while it writes a snapshot, beside without (issue 26): a thread
+    searches one query at a time; meanwhile the shard takes a snapshot as its background thread does
+    (under the write lock only). Latencies of the searches that overlapped a snapshot are compared
+    with those of the same length of time without one."""
+    import threading
+
+    from docarray import Document, DocumentArray
+
+    queries = np.load(Path(task['data']) / 'queries.npy')
+    indexer = open_shard(task)
+
+    def search_while(busy: threading.Event, stop: threading.Event) -> list[float]:
+        latencies, i = [], 0
+        while not stop.is_set():
+            query = DocumentArray([Document(embedding=queries[i % len(queries)])])
+            was_busy, started = busy.is_set(), time.perf_counter()
+            indexer.search(query, parameters={'limit': LIMIT})
+            if was_busy or busy.is_set():
+                latencies.append(time.perf_counter() - started)
+            i += 1
+        return latencies
+
+    def snapshot(busy: threading.Event) -> None:
+        with indexer._write_lock:
+            indexer._snapshot()
+        busy.clear()
+
+    without, during, snapshot_seconds = [], [], []
+    for _ in range(task.get('rounds', 3)):
+        for kind in ('without', 'during'):
+            busy, stop, out = threading.Event(), threading.Event(), []
+            busy.set()
+            searcher = threading.Thread(target=lambda: out.extend(search_while(busy, stop)))
+            searcher.start()
+            started = time.perf_counter()
+            if kind == 'during':
+                snapshot(busy)
+                snapshot_seconds.append(time.perf_counter() - started)
+            else:
+                time.sleep(snapshot_seconds[-1] if snapshot_seconds else 5.0)
+                busy.clear()
+            stop.set()
+            searcher.join()
+            (during if kind == 'during' else without).extend(out)
+    folder = sorted(indexer._data_path.glob('snapshot-*'))[-1]
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    indexer.close()
+    return {
+        'snapshot_s': [round(s, 2) for s in snapshot_seconds],
+        'snapshot_mib': round(size / 2**20),
+        'searches_without': len(without),
+        'searches_during': len(during),
+        'p50_ms_without': round(1000 * median(without), 2),
+        'p99_ms_without': round(1000 * percentile(without, 99), 2),
+        'p50_ms_during': round(1000 * median(during), 2),
+        'p99_ms_during': round(1000 * percentile(during, 99), 2),
+        'p99_during_vs_without': round(percentile(during, 99) / percentile(without, 99), 2),
+    }
+
+
 def run_shard(task: dict) -> dict:
     """The shard's single-query QPS, and then (same process, same queries, each once as for hnswlib)
     annlite's HNSW call alone: the ratio of the two is what the document path (ids, store reads,
@@ -108,15 +184,9 @@ def run_shard(task: dict) -> dict:
     from annlite.math import l2_normalize
     from docarray import Document, DocumentArray
 
-    from clip_search.executors.annlite_indexer import AnnLiteIndexer
-
     queries = np.load(Path(task['data']) / 'queries.npy')
-    folder = Path(task['folder'])
-    settings = json.loads((folder / 'clip_search_index.json').read_text())
-    indexer = AnnLiteIndexer(n_dim=settings['n_dim'], workspace=str(folder.parent.parent), columns=settings['columns'],
-                             runtime_args={'shard_id': task['shard'], 'shards': settings['shards']})  # fmt: skip
     started = time.perf_counter()
-    indexer.wait_loaded()
+    indexer = open_shard(task)
     loaded = time.perf_counter() - started
     graph = indexer._index.vec_index(0)._index  # the HNSW index the search calls, as it sets it up
     graph.set_ef(max(HNSW['ef_search'], LIMIT))
@@ -343,11 +413,15 @@ def main() -> None:
     parser.add_argument('--no-hnswlib', action='store_true',
                         help="skip bare hnswlib (half the 1M run's time): the ratios to it are left out")  # fmt: skip
     parser.add_argument('--pq', type=int, metavar='N', help='also run the Flow with --pq N on the same corpus and compare')
+    parser.add_argument('--float-from', type=Path, metavar='JSON',
+                        help="with --pq: the float Flow's figures from an earlier scale-N.json of the same --docs, not run again")  # fmt: skip
     parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.float_from and not args.pq:
+        parser.error('--float-from goes with --pq')
     if args.worker:
         kind, task, out = args.worker
-        Path(out).write_text(json.dumps({'hnswlib': run_hnswlib, 'shard': run_shard}[kind](json.loads(task))))
+        Path(out).write_text(json.dumps({'hnswlib': run_hnswlib, 'shard': run_shard, 'snapshot': run_snapshot_pause}[kind](json.loads(task))))
         return
     work = args.work or scratch_dir('bench-scale-')  # 1.4 GB at 200k documents: removed at exit
     data = work / 'data'
@@ -361,11 +435,21 @@ def main() -> None:
     np.save(data / 'gt.npy', exact_top_k(queries, corpus, LIMIT))
     del corpus
     results = {'docs': args.docs, 'shards': args.shards, 'hnsw': HNSW, 'cores': os.cpu_count(), 'load_average_start': os.getloadavg()}
-    results['flow'] = run_flow(data, work / 'float', args.shards)
+    if args.float_from:
+        earlier = json.loads(args.float_from.read_text())
+        if earlier['docs'] != args.docs:
+            parser.error(f'{args.float_from} holds a run of {earlier["docs"]} documents, not {args.docs}')
+        results['flow'], results['float_from'] = earlier['flow'], str(args.float_from)
+    else:
+        results['flow'] = run_flow(data, work / 'float', args.shards)
     if args.pq:
         results['flow_pq'] = run_flow(data, work / f'pq{args.pq}', args.shards, pq=args.pq)
-    results['shard'] = worker('shard', {'data': str(data), 'folder': results['flow']['shard_folder'], 'shard': 0})
+    measured = results['flow_pq' if args.float_from else 'flow']
+    shard_task = {'data': str(data), 'folder': measured['shard_folder'], 'shard': 0}
+    results['shard'] = worker('shard', shard_task)
     log(f'one shard in-process: {results["shard"]}')
+    results['snapshot_pause'] = worker('snapshot', shard_task)
+    log(f'searches during a snapshot: {results["snapshot_pause"]}')
     if not args.no_hnswlib:
         results['hnswlib'] = worker('hnswlib', {'data': str(data), 'shards': args.shards})
         log(f'hnswlib: {results["hnswlib"]}')
@@ -382,7 +466,7 @@ def main() -> None:
 
 
 def summary(results: dict, shards: int) -> dict:
-    flow, shard = results['flow'], results['shard']
+    flow, shard = results['flow_pq' if 'float_from' in results else 'flow'], results['shard']
     empty, full = sum(flow['rss_empty_mib'].values()), sum(flow['rss_full_mib'].values())
     ours = {
         'index_docs_per_s': round(flow['index_docs_per_s']),
@@ -422,13 +506,15 @@ def summary_pq(results: dict, pq: int) -> dict:
     n = results['docs']
 
     def figures(flow: dict) -> dict:
-        anon = (flow['memory_full']['anon_mib'] - flow['memory_empty']['anon_mib']) * 2**20 / n
+        anon = None
+        if 'memory_full' in flow:  # runs before anonymous memory was counted have resident memory only
+            anon = round((flow['memory_full']['anon_mib'] - flow['memory_empty']['anon_mib']) * 2**20 / n)
         return {
-            'anon_bytes_per_doc_above_empty': round(anon),
+            'anon_bytes_per_doc_above_empty': anon,
             'rss_bytes_per_doc_above_empty': round((sum(flow['rss_full_mib'].values()) - sum(flow['rss_empty_mib'].values())) * 2**20 / n),
-            'vector_files_mib': flow['vector_files_mib'],
-            'vector_files_page_cache_mib': flow['vector_files_page_cache_mib'],
-            'workspace_disk_bytes_per_doc': round(flow['workspace_disk_mib'] * 2**20 / n),
+            'vector_files_mib': flow.get('vector_files_mib', 0.0),
+            'vector_files_page_cache_mib': flow.get('vector_files_page_cache_mib', 0.0),
+            'workspace_disk_bytes_per_doc': round(flow['workspace_disk_mib'] * 2**20 / n) if 'workspace_disk_mib' in flow else None,
             'recall_at_10': round(flow['recall_at_10'], 3),
             'search_p50_ms': round(flow['p50_ms'], 1),
             'search_p99_ms': round(flow['p99_ms'], 1),
@@ -445,7 +531,10 @@ def summary_pq(results: dict, pq: int) -> dict:
         f'pq{pq}': compressed,
         'p50_pq_vs_float': round(compressed['search_p50_ms'] / plain['search_p50_ms'], 2),
         'index_rate_pq_vs_float': round(compressed['index_docs_per_s'] / plain['index_docs_per_s'], 2),
-        'anon_memory_pq_vs_float': round(compressed['anon_bytes_per_doc_above_empty'] / plain['anon_bytes_per_doc_above_empty'], 2),
+        'anon_memory_pq_vs_float': round(compressed['anon_bytes_per_doc_above_empty'] / plain['anon_bytes_per_doc_above_empty'], 2)
+        if plain['anon_bytes_per_doc_above_empty'] else None,
+        'rss_pq_vs_float': round(compressed['rss_bytes_per_doc_above_empty'] / plain['rss_bytes_per_doc_above_empty'], 2),
+        'float_from': results.get('float_from', 'this run'),
     }
 
 

@@ -9,6 +9,9 @@ from the store when the snapshot is missing, damaged (size or CRC-32) or built w
 Layout of a shard's folder::
 
     snapshot-<g>/   hnsw.bin, cells.db, meta.db, [pq_codec.params,] manifest.json (written last: the snapshot is complete)
+    tables/         annlite's two SQL tables (offset -> id, id -> offset), live: in a file instead of in
+                    memory, read through SQLite's memory map, so they cost page cache, not the process's
+                    memory; scratch, emptied at every start and filled from the snapshot (or a rebuild)
     vectors.f32     with n_subvectors: the float vectors by offset (clip_search.vector_file), fsynced per write
     journal-<g>.rec one record per write: {"op": "put"|"del", "ids": [...]}, framed by length and CRC-32
                     (clip_search/journal.py), fsynced before the write; a torn tail is cut at open
@@ -44,6 +47,10 @@ MANIFEST = 'manifest.json'
 # filled within 1,000 searches (+16 MiB resident), for as few hits; the OS page cache serves the rest
 WRITE_BUFFER_BYTES = 16 << 20
 BLOCK_CACHE_BYTES = 2 << 20
+LIVE_TABLES = 'tables'
+# annlite keeps its tables in memory: about 230 B a document (bench/memory.py), a third of a PQ
+# shard's. In a file, SQLite's own cache stays small and the rest is the OS's page cache (a memory map)
+TABLE_PRAGMAS = ('journal_mode=MEMORY', 'synchronous=OFF', 'cache_size=-2048', f'mmap_size={1 << 40}')
 
 
 class SnapshotError(RuntimeError):
@@ -51,10 +58,12 @@ class SnapshotError(RuntimeError):
 
 
 def open_index(**annlite_kwargs):
-    """annlite's ``AnnLite`` with a lean document store and without its rebuild at construction."""
+    """annlite's ``AnnLite`` with a lean document store, its SQL tables in files (``LIVE_TABLES``),
+    and without its rebuild at construction."""
     import annlite.container
     from annlite import AnnLite
     from annlite.storage.kv import DocStorage
+    from annlite.storage.table import CellTable, MetaTable
     from rocksdict import BlockBasedOptions, Cache, Options, ReadOptions, Rdict
 
     class LeanDocStorage(DocStorage):
@@ -79,20 +88,48 @@ def open_index(**annlite_kwargs):
             self._size = sum(1 for _ in self._db.keys(read_opt=read))
             self._is_closed = False
 
+    tables = _empty_folder(Path(annlite_kwargs['data_path']) / LIVE_TABLES)  # a start fills them again
+
+    class FileCellTable(CellTable):
+        def __init__(self, name, columns=None, in_memory=True, data_path=None, lazy_create=False):
+            super().__init__(name, columns=columns, in_memory=False, data_path=tables, lazy_create=lazy_create)
+            _tune(self._conn)
+
+    class FileMetaTable(MetaTable):
+        def __init__(self, name='metas', data_path=None, in_memory=True):
+            super().__init__(name, data_path=tables, in_memory=False)
+            _tune(self._conn)
+
     class ShardAnnLite(AnnLite):
         def restore(self, *args, **kwargs):  # the shard loads its own snapshot (load_or_rebuild)
             pass
 
-    # annlite builds its store inside CellContainer.__init__ with no hook for options: swap the class there
-    original = annlite.container.DocStorage
-    annlite.container.DocStorage = LeanDocStorage
+    # annlite builds its store and tables inside CellContainer.__init__ with no hook for options: swap the classes there
+    swapped = {'DocStorage': LeanDocStorage, 'CellTable': FileCellTable, 'MetaTable': FileMetaTable}
+    originals = {name: getattr(annlite.container, name) for name in swapped}
+    for name, cls in swapped.items():
+        setattr(annlite.container, name, cls)
     try:
         index = ShardAnnLite(**annlite_kwargs)
     finally:
-        annlite.container.DocStorage = original
+        for name, cls in originals.items():
+            setattr(annlite.container, name, cls)
     single_threaded(index)
     _drop_time_index(index)
     return index
+
+
+def _empty_folder(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _tune(connection) -> None:
+    """A live table is scratch (the snapshot and the journal are what a restart trusts): no fsync,
+    no journal file; reads through a memory map."""
+    for pragma in TABLE_PRAGMAS:
+        connection.execute(f'PRAGMA {pragma}')
 
 
 def single_threaded(index) -> None:

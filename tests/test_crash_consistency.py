@@ -128,3 +128,19 @@ def test_a_replace_whose_restore_failed_is_restored_before_the_next_write(tmp_pa
     expected['a2'] = 'updated'
     assert stored_texts(shard) == expected and not list(tmp_path.rglob(REPLACE_JOURNAL))
     shard.close()
+
+
+def test_annlites_tables_live_in_files_that_a_start_refills_from_the_snapshot(tmp_path):
+    shard = open_shard(tmp_path)
+    shard.index(DocumentArray(doc(f'a{i}', f'acknowledged {i}', i) for i in range(10)))
+    tables = shard._data_path / shard_store.LIVE_TABLES
+    files = {connection.execute('PRAGMA database_list').fetchone()[2] for connection in
+             (shard._index.cell_table(0)._conn, shard._index.meta_table._conn)}  # fmt: skip
+    assert files == {str(tables / 'table_0.db'), str(tables / 'metas.db')}  # not annlite's in-memory tables
+    shard.close()
+    for live in tables.iterdir():  # what a crash mid-write may leave: the files are scratch
+        live.write_bytes(b'torn' * 1000)
+
+    shard = open_shard(tmp_path)
+    assert re.fullmatch(LOADED, shard.loaded_how), shard.loaded_how
+    assert stored_texts(shard) == {f'a{i}': f'acknowledged {i}' for i in range(10)}
