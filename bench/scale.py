@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import HNSW, LIMIT, clustered_vectors, exact_top_k, median, percentile, recall_at_k, rss_mib, scratch_dir
+from common import DIM, HNSW, LIMIT, clustered_vectors, exact_top_k, median, percentile, recall_at_k, rss_mib, scratch_dir
 
 BENCH = Path(__file__).resolve().parent
+CHUNK = 100_000  # corpus rows generated at a time, and indexed between two records of a run's progress
 
 
 def log(message: str) -> None:
@@ -52,29 +53,74 @@ def split(n: int, shards: int) -> list[np.ndarray]:
     return [np.flatnonzero(owners == shard) for shard in range(shards)]
 
 
+class Corpus:
+    """The clustered corpus, ``CHUNK`` rows at a time, each chunk drawn again from its own seed: never held
+    or stored whole (10M 512-d rows are 20 GB), and the same rows in every process and every run."""
+
+    def __init__(self, n: int, clusters: int):
+        self.n, self.clusters = n, clusters
+
+    @classmethod
+    def of(cls, data) -> 'Corpus':
+        return cls(**json.loads((Path(data) / 'corpus.json').read_text()))
+
+    def save(self, data: Path) -> None:
+        (data / 'corpus.json').write_text(json.dumps({'n': self.n, 'clusters': self.clusters}))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def chunk(self, number: int) -> np.ndarray:
+        start = number * CHUNK
+        return clustered_vectors(min(CHUNK, self.n - start), self.clusters, seed=[1, number])
+
+    def chunks(self, start: int = 0):
+        """(first row, rows) of every chunk from the one holding row ``start`` on."""
+        for number in range(start // CHUNK, -(-self.n // CHUNK)):
+            yield number * CHUNK, self.chunk(number)
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start`` to ``stop``, generating only the chunks that hold them."""
+        parts = [self.chunk(number) for number in range(start // CHUNK, -(-stop // CHUNK))]
+        return np.concatenate(parts)[start % CHUNK : start % CHUNK + stop - start]
+
+
+def exact_top_k_streamed(queries: np.ndarray, corpus: Corpus, k: int) -> np.ndarray:
+    """Brute-force top-k of every query over the corpus, chunk by chunk (a running top-k of ids)."""
+    best_ids = np.empty((len(queries), 0), dtype=np.int64)
+    best = np.empty((len(queries), 0), dtype=np.float32)
+    for first, rows in corpus.chunks():
+        top = exact_top_k(queries, rows, k) + first
+        sims = np.concatenate([best, np.take_along_axis(queries @ rows.T, top - first, axis=1)], axis=1)
+        ids = np.concatenate([best_ids, top], axis=1)
+        order = np.argsort(-sims, axis=1, kind='stable')[:, :k]
+        best, best_ids = np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
+    return best_ids
+
+
 # -- bare hnswlib, in its own process -------------------------------------------------------------
 
 
 def run_hnswlib(task: dict) -> dict:
     import hnswlib
 
-    corpus = np.load(Path(task['data']) / 'corpus.npy', mmap_mode='r')
+    corpus = Corpus.of(task['data'])
     queries = np.load(Path(task['data']) / 'queries.npy')
     shards, found, build_seconds, load_seconds, single = [], [[] for _ in queries], 0.0, 0.0, None
     for shard, rows in enumerate(split(len(corpus), task['shards'])):
-        index = hnswlib.Index(space='cosine', dim=corpus.shape[1])
+        index = hnswlib.Index(space='cosine', dim=DIM)
         index.init_index(max_elements=len(rows), ef_construction=HNSW['ef_construction'], M=HNSW['M'])
         index.set_num_threads(1)  # one thread per shard, as a shard indexes
-        started = time.perf_counter()
-        for start in range(0, len(rows), 10_000):
-            chunk = rows[start : start + 10_000]
-            index.add_items(np.asarray(corpus[chunk]), chunk)
-        build_seconds += time.perf_counter() - started
+        for start, vectors in corpus.chunks():
+            mine = rows[(rows >= start) & (rows < start + len(vectors))]
+            started = time.perf_counter()
+            index.add_items(vectors[mine - start], mine)
+            build_seconds += time.perf_counter() - started
         index.set_ef(HNSW['ef_search'])
         path = Path(task['data']) / f'hnswlib-{shard}.bin'
         index.save_index(str(path))
         started = time.perf_counter()
-        loaded = hnswlib.Index(space='cosine', dim=corpus.shape[1])
+        loaded = hnswlib.Index(space='cosine', dim=DIM)
         loaded.load_index(str(path))
         load_seconds += time.perf_counter() - started
         path.unlink()
@@ -272,8 +318,8 @@ def wait_documents(service, expected: int, started: float, timeout: float = 1800
     raise TimeoutError(f'/status did not count {expected} documents in {timeout} s')
 
 
-async def index_rows(address: str, corpus, rows, request_size: int = 1000, in_flight: int = 4) -> float:
-    """Send the rows, ``request_size`` a request, at most ``in_flight`` requests unanswered.
+async def index_rows(address: str, rows: dict, request_size: int = 1000, in_flight: int = 4) -> float:
+    """Send the rows (row number: vector), ``request_size`` a request, at most ``in_flight`` requests unanswered.
 
     Without a bound Jina's client streams every request at once, and the gateway, the head and the
     shards queue hundreds of them: gigabytes of resident memory that are the client's doing.
@@ -282,7 +328,7 @@ async def index_rows(address: str, corpus, rows, request_size: int = 1000, in_fl
     from jina import Client
 
     client = Client(host=address, asyncio=True)
-    docs = (Document(id=f'd{i}', embedding=np.asarray(corpus[i])) for i in rows)
+    docs = (Document(id=f'd{i}', embedding=vector) for i, vector in rows.items())
     started = time.perf_counter()
     async for answer in client.post('/index', inputs=docs, request_size=request_size, prefetch=in_flight):
         assert answer[0].embedding is None  # answers carry ids only
@@ -314,20 +360,23 @@ def start(model_dir: Path, workspace: Path, shards: int, pq: int | None = None):
 def run_flow(data: Path, work: Path, shards: int, pq: int | None = None) -> dict:
     from helpers.service import TINY_MODEL_CFG, write_tiny_model
 
-    corpus = np.load(data / 'corpus.npy', mmap_mode='r')
+    corpus = Corpus.of(data)
     queries = np.load(data / 'queries.npy')
     gt = np.load(data / 'gt.npy')
     n = len(corpus)
-    model_dir = write_tiny_model(work / 'model', model_cfg=dict(TINY_MODEL_CFG, embed_dim=corpus.shape[1]))
+    model_dir = write_tiny_model(work / 'model', model_cfg=dict(TINY_MODEL_CFG, embed_dim=DIM))
     workspace = work / 'workspace'
-    result: dict = {}
+    progress = Progress(work / 'progress.json')
+    result: dict = progress.result
     service = start(model_dir, workspace, shards, pq)
     try:
-        time.sleep(2)
-        result['rss_empty_mib'] = memory(service)
-        result['memory_empty'] = memory_kinds(service)
-        log(f'empty service: {sum(result["rss_empty_mib"].values())} MiB {result["rss_empty_mib"]}')
-        seconds = asyncio.run(index_rows(service.address, corpus, range(n)))
+        if 'rss_empty_mib' not in result:
+            time.sleep(2)
+            result['rss_empty_mib'] = memory(service)
+            result['memory_empty'] = memory_kinds(service)
+            progress.save()
+            log(f'empty service: {sum(result["rss_empty_mib"].values())} MiB {result["rss_empty_mib"]}')
+        seconds = index_resumably(service, corpus, progress)
         result['index_docs_per_s'] = n / seconds
         log(f'indexed {n} in {seconds:.0f} s: {n / seconds:.0f} docs/s')
         found, latencies = asyncio.run(search_rows(service.address, queries))
@@ -351,7 +400,9 @@ def run_flow(data: Path, work: Path, shards: int, pq: int | None = None) -> dict
         after, _ = asyncio.run(search_rows(service.address, queries[:200]))
         result['same_answers_after_graceful_restart'] = after == found[:200]
         log(f'graceful restart: stop {result["graceful_stop_s"]:.1f} s, searchable after {result["graceful_restart_s"]:.1f} s')
-        result.update(kill9_check(service, corpus, queries, n))
+        if 'acknowledged_writes' not in result:  # a resumed run does not write them twice
+            result.update(kill9_check(service, corpus, queries, n))
+            progress.save()
         started = time.monotonic()
         service.kill()
         service = start(model_dir, workspace, shards, pq)
@@ -366,6 +417,41 @@ def run_flow(data: Path, work: Path, shards: int, pq: int | None = None) -> dict
         service.stop(timeout=600)
     result['shard_folder'] = str(folder)
     return result
+
+
+class Progress:
+    """What a run of one Flow has measured so far, on disk: the same command with the same ``--work``
+    goes on where a run cut short (a session's end) stopped, instead of indexing hours again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.result: dict = json.loads(path.read_text()) if path.exists() else {'rows_indexed': 0, 'index_seconds': 0.0}
+
+    def save(self) -> None:
+        temporary = self.path.with_suffix('.tmp')
+        temporary.write_text(json.dumps(self.result, indent=2))
+        os.replace(temporary, self.path)
+
+
+def index_resumably(service, corpus: Corpus, progress: Progress) -> float:
+    """Index the corpus a chunk at a time, recording after each chunk the rows done and the seconds spent;
+    returns the seconds indexing took in all. After a cut, the chunk that was under way is looked up
+    first (``/status`` lookup) and only its missing rows are sent: an id is never indexed twice."""
+    done = progress.result
+    client = service.client()
+    for first, vectors in corpus.chunks(done['rows_indexed']):
+        rows = {first + i: vector for i, vector in enumerate(vectors) if first + i >= done['rows_indexed']}
+        if done.get('chunk_started') == first:  # cut mid-chunk: skip what the service acknowledged
+            held = set(client.indexed([f'd{i}' for i in rows]))
+            rows = {i: v for i, v in rows.items() if f'd{i}' not in held}
+            log(f'resuming at row {first}: {len(held)} of the chunk held already')
+        done['chunk_started'] = first
+        progress.save()
+        done['index_seconds'] += asyncio.run(index_rows(service.address, rows))
+        done['rows_indexed'] = first + len(vectors)
+        progress.save()
+        log(f'{done["rows_indexed"]} rows indexed, {done["rows_indexed"] / done["index_seconds"]:.0f} docs/s')
+    return done['index_seconds']
 
 
 def kill9_check(service, corpus, queries, n: int) -> dict:
@@ -388,7 +474,7 @@ def check_after_kill9(service, corpus, n: int) -> dict:
     client = service.client()
     new = clustered_vectors(1000, 1000, seed=3)[:50]
     updated = clustered_vectors(100, 1000, seed=4)[:50]
-    deleted = np.asarray(corpus[:50])
+    deleted = corpus.rows(0, 50)
     top = lambda vectors: [r.matches[0].id for r in client.search([_doc(v) for v in vectors], limit=1)]  # noqa: E731
     return {
         'new_found_first': top(new) == [f'new{i}' for i in range(50)],
@@ -428,12 +514,15 @@ def main() -> None:
     data.mkdir(parents=True, exist_ok=True)
     clusters = max(10, args.docs // 100)
     log(f'{args.docs} clustered 512-d vectors ({clusters} clusters), {args.queries} queries in {work}')
-    corpus = clustered_vectors(args.docs, clusters, seed=1)
-    queries = clustered_vectors(args.queries, clusters, seed=2)
-    np.save(data / 'corpus.npy', corpus)
-    np.save(data / 'queries.npy', queries)
-    np.save(data / 'gt.npy', exact_top_k(queries, corpus, LIMIT))
-    del corpus
+    corpus = Corpus(args.docs, clusters)
+    if not (data / 'gt.npy').exists():  # a resumed run keeps its data
+        queries = clustered_vectors(args.queries, clusters, seed=2)
+        corpus.save(data)
+        np.save(data / 'queries.npy', queries)
+        np.save(data / 'gt.npy', exact_top_k_streamed(queries, corpus, LIMIT))
+        log('exact top-10 of every query computed')
+    elif Corpus.of(data).n != args.docs:
+        parser.error(f'{work} holds a run of {Corpus.of(data).n} documents, not {args.docs}')
     results = {'docs': args.docs, 'shards': args.shards, 'hnsw': HNSW, 'cores': os.cpu_count(), 'load_average_start': os.getloadavg()}
     if args.float_from:
         earlier = json.loads(args.float_from.read_text())
