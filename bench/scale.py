@@ -6,6 +6,7 @@
     python bench/scale.py --docs 5000 --queries 100   # a smoke run
     python bench/scale.py --docs 100000 --pq 64 --no-hnswlib   # float and --pq 64 side by side
     python bench/scale.py --docs 1000000 --pq 64 --no-hnswlib --float-from bench/results/scale/scale-1000000.json
+    python bench/scale.py --docs 10000000 --pq 64 --no-hnswlib --no-float --work /data/scale10m   # hours: run it again to go on
 
 Measures, in one run: indexing docs/s (documents sent with their embeddings, 1,000 a request, so
 only the index path counts), resident memory of every process empty and full, search p50/p99 over
@@ -501,10 +502,11 @@ def main() -> None:
     parser.add_argument('--pq', type=int, metavar='N', help='also run the Flow with --pq N on the same corpus and compare')
     parser.add_argument('--float-from', type=Path, metavar='JSON',
                         help="with --pq: the float Flow's figures from an earlier scale-N.json of the same --docs, not run again")  # fmt: skip
+    parser.add_argument('--no-float', action='store_true', help='with --pq: the compressed Flow alone (10M float documents need 25 GB of RAM)')
     parser.add_argument('--worker', nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.float_from and not args.pq:
-        parser.error('--float-from goes with --pq')
+    if (args.float_from or args.no_float) and not args.pq:
+        parser.error('--float-from and --no-float go with --pq')
     if args.worker:
         kind, task, out = args.worker
         Path(out).write_text(json.dumps({'hnswlib': run_hnswlib, 'shard': run_shard, 'snapshot': run_snapshot_pause}[kind](json.loads(task))))
@@ -529,11 +531,11 @@ def main() -> None:
         if earlier['docs'] != args.docs:
             parser.error(f'{args.float_from} holds a run of {earlier["docs"]} documents, not {args.docs}')
         results['flow'], results['float_from'] = earlier['flow'], str(args.float_from)
-    else:
+    elif not args.no_float:
         results['flow'] = run_flow(data, work / 'float', args.shards)
     if args.pq:
         results['flow_pq'] = run_flow(data, work / f'pq{args.pq}', args.shards, pq=args.pq)
-    measured = results['flow_pq' if args.float_from else 'flow']
+    measured = results['flow_pq' if args.float_from or args.no_float else 'flow']
     shard_task = {'data': str(data), 'folder': measured['shard_folder'], 'shard': 0}
     results['shard'] = worker('shard', shard_task)
     log(f'one shard in-process: {results["shard"]}')
@@ -544,24 +546,25 @@ def main() -> None:
         log(f'hnswlib: {results["hnswlib"]}')
     results['load_average_end'] = os.getloadavg()
     results['summary'] = summary(results, args.shards)
-    if args.pq:
+    if args.pq and not args.no_float:
         results['summary_pq'] = summary_pq(results, args.pq)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f'scale-{args.docs}' + (f'-pq{args.pq}' if args.pq else '')
     (args.out / f'{name}.json').write_text(json.dumps(results, indent=2))
-    if args.pq:
+    if 'summary_pq' in results:
         print(json.dumps(results['summary_pq'], indent=2))
     print(json.dumps(results['summary'], indent=2))
 
 
 def summary(results: dict, shards: int) -> dict:
-    flow, shard = results['flow_pq' if 'float_from' in results else 'flow'], results['shard']
+    flow, shard = results['flow_pq' if 'float_from' in results or 'flow' not in results else 'flow'], results['shard']
     empty, full = sum(flow['rss_empty_mib'].values()), sum(flow['rss_full_mib'].values())
     ours = {
         'index_docs_per_s': round(flow['index_docs_per_s']),
         'rss_empty_mib': empty,
         'rss_full_mib': full,
         'kib_per_doc_above_empty': round((full - empty) * 1024 / results['docs'], 2),
+        **per_document_costs(flow, results['docs']),
         'largest_empty_process_mib': max(flow['rss_empty_mib'].values()),
         'graceful_restart_s': round(flow['graceful_restart_s'], 1),
         'kill9_restart_s': round(flow['kill9_restart_s'], 1),
@@ -588,6 +591,17 @@ def summary(results: dict, shards: int) -> dict:
         'hnsw_call_vs_hnswlib': round(shard['hnsw_call_qps'] / bare['shard0_single_query_qps'], 2),
         'hnswlib_load_s_all_shards': round(bare['load_seconds_all_shards'], 2),
     }
+
+
+def per_document_costs(flow: dict, n: int) -> dict:
+    """Anonymous memory and disk a document, where the run measured them (older runs did not)."""
+    costs = {}
+    if 'memory_full' in flow:
+        costs['anon_bytes_per_doc_above_empty'] = round((flow['memory_full']['anon_mib'] - flow['memory_empty']['anon_mib']) * 2**20 / n)
+        costs['vector_files_page_cache_mib'] = flow['vector_files_page_cache_mib']
+    if 'workspace_disk_mib' in flow:
+        costs['workspace_disk_bytes_per_doc'] = round(flow['workspace_disk_mib'] * 2**20 / n)
+    return costs
 
 
 def summary_pq(results: dict, pq: int) -> dict:
