@@ -19,6 +19,10 @@ from clip_search.executors import annlite_indexer
 from clip_search.executors.annlite_indexer import REPLACE_JOURNAL, AnnLiteIndexer
 
 LOADED = r'loaded snapshot-\d+ \(\d+ documents\) and replayed \d+ changed ids'
+# product quantization (2 sub-vectors of the 4-d embeddings) trained on the first 256 documents:
+# COMPRESSED_FILLER documents indexed first put the acknowledged ones in a graph over PQ codes
+PQ = dict(n_subvectors=2, pq_train_size=256)
+COMPRESSED_FILLER = 300
 
 
 def open_shard(workspace, **settings) -> AnnLiteIndexer:
@@ -48,30 +52,36 @@ import sys, time
 from docarray import DocumentArray
 sys.path.insert(0, {tests!r})
 from test_crash_consistency import open_shard, doc
-shard = open_shard({workspace!r}, snapshot_every={snapshot_every})
+shard = open_shard({workspace!r}, snapshot_every={snapshot_every}, **{settings!r})
 {write}
 while shard._snapshotting.is_set():  # a snapshot runs in the background: let it reach its step
     time.sleep(0.01)
+shard.close()  # or, where the write stayed below the background trigger (5% of 310 documents), a stop's
 '''
 
 
+@pytest.mark.parametrize('settings', [{}, PQ], ids=['float', 'pq'])
 @pytest.mark.parametrize(
     'step, new_kept',
     [('after-journal', False), ('after-graph', False), ('after-store', True), ('mid-snapshot', True)],
 )
-def test_a_shard_killed_at_each_step_of_a_write_restarts_with_the_acknowledged_state(tmp_path, step, new_kept):
-    shard = open_shard(tmp_path)
+def test_a_shard_killed_at_each_step_of_a_write_restarts_with_the_acknowledged_state(tmp_path, step, new_kept, settings):
+    shard = open_shard(tmp_path, **settings)
+    filler = COMPRESSED_FILLER if settings else 0
+    if filler:
+        shard.index(DocumentArray(doc(f'filler{i}', 'filler', 1000 + i) for i in range(filler)))
     shard.index(DocumentArray(doc(f'a{i}', f'acknowledged {i}', i) for i in range(10)))
+    assert shard._compression is None or shard._compression.trained(shard._index)
     shard.close()  # a snapshot of the ten
     child = CHILD.format(
-        tests=str(Path(__file__).parent), workspace=str(tmp_path), write=WRITE,
+        tests=str(Path(__file__).parent), workspace=str(tmp_path), write=WRITE, settings=settings,
         snapshot_every=1 if step == 'mid-snapshot' else 20000,  # 1: the write is followed by a snapshot
     )  # fmt: skip
     result = subprocess.run([sys.executable, '-c', child], env={**os.environ, faults.ENVIRONMENT: step},
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == faults.EXIT_CODE, result.stderr[-2000:]
 
-    shard = open_shard(tmp_path)
+    shard = open_shard(tmp_path, **settings)
     assert re.fullmatch(LOADED, shard.loaded_how), shard.loaded_how  # the snapshot, never a rebuild
     expected = {f'a{i}': f'acknowledged {i}' for i in range(10)}
     if step == 'mid-snapshot':  # the write was whole, in the store and the graph, when the snapshot began
@@ -79,9 +89,9 @@ def test_a_shard_killed_at_each_step_of_a_write_restarts_with_the_acknowledged_s
     elif new_kept:  # in the store, not answered: a new id stays, a replaced one goes back to its old version
         expected['new'] = 'never acknowledged'
     assert stored_texts(shard) == expected
-    assert shard._index.total_docs == len(expected) and not list(tmp_path.rglob(REPLACE_JOURNAL))
+    assert shard._index.total_docs == filler + len(expected) and not list(tmp_path.rglob(REPLACE_JOURNAL))
     shard.close()
-    assert re.fullmatch(LOADED, open_shard(tmp_path).loaded_how)  # and the next start too
+    assert re.fullmatch(LOADED, open_shard(tmp_path, **settings).loaded_how)  # and the next start too
 
 
 def test_a_journal_cut_at_any_byte_keeps_its_whole_records_and_appends_after_them(tmp_path):

@@ -51,9 +51,16 @@ def snapshot_file(workspace: Path, shard: int, name: str) -> Path:
 
 
 @pytest.mark.slow
-def test_a_graceful_restart_loads_the_snapshot_and_a_damaged_one_is_rebuilt(tmp_path, service_factory):
+@pytest.mark.parametrize('pq', [None, 16], ids=['float', 'pq16'])
+def test_a_graceful_restart_loads_the_snapshot_and_a_damaged_one_is_rebuilt(tmp_path, service_factory, pq):
     workspace = tmp_path / 'workspace'
-    service = service_factory(shards=2, workspace=workspace)
+    # --pq 16, trained on 256 documents; rerank_factor 100 re-ranks a whole shard of 1000 exactly, so the
+    # rebuilt shard's new codec (trained on other documents) must give the very same answers
+    settings = {}
+    if pq:
+        flow = flow_compressed(tmp_path, pq_train_size=256, rerank_factor=100)
+        settings = dict(flow_file=flow, extra_args=('--pq', str(pq)))
+    service = service_factory(shards=2, workspace=workspace, **settings)
     torch_processes = [pid for pid in service.processes() if 'libtorch' in Path(f'/proc/{pid}/maps').read_text()]
     assert len(torch_processes) == 1  # the encoder; not the shards, the merger, the gateway or the CLI
     client = service.client()
@@ -63,7 +70,7 @@ def test_a_graceful_restart_loads_the_snapshot_and_a_damaged_one_is_rebuilt(tmp_
     before = [[(m.id, round(m.scores['cosine'].value, 5)) for m in r.matches] for r in client.search([Document(embedding=q) for q in queries])]
     assert service.stop() == 0
 
-    service = service_factory(shards=2, workspace=workspace)
+    service = service_factory(shards=2, workspace=workspace, **settings)
     paths = restart_paths(service.log())
     assert sorted(paths) == [0, 1]
     assert all(re.match(r'loaded snapshot-\d+ \(\d+ documents\) and replayed 0 changed ids', p) for p in paths.values()), paths
@@ -75,7 +82,7 @@ def test_a_graceful_restart_loads_the_snapshot_and_a_damaged_one_is_rebuilt(tmp_
 
     graph = snapshot_file(workspace, 0, 'hnsw.bin')
     graph.write_bytes(graph.read_bytes()[:-100])  # truncated: a disk that filled up, a copy cut short
-    service = service_factory(shards=2, workspace=workspace)
+    service = service_factory(shards=2, workspace=workspace, **settings)
     paths = restart_paths(service.log())
     assert re.match(r'rebuilt \d+ documents from the document store \(snapshot-\d+/hnsw.bin \(the HNSW graph\) has \d+ bytes, the manifest says \d+\)', paths[0]), paths
     assert paths[1].startswith('loaded snapshot-')

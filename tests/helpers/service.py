@@ -72,14 +72,15 @@ def flow_polling_index(directory: str | Path, polling: str) -> Path:
     return path
 
 
-def flow_compressed(directory: str | Path, pq_train_size: int, polling: str = 'ANY') -> Path:
-    """The shipped Flow with the indexer's ``pq_train_size`` set, as a user would edit it (``--pq`` turns PQ on)."""
+def flow_compressed(directory: str | Path, pq_train_size: int, polling: str = 'ANY', **uses_with) -> Path:
+    """The shipped Flow with the indexer's ``pq_train_size`` (and any other ``uses_with``) set, as a user
+    would edit it (``--pq`` turns PQ on)."""
     import yaml
 
     source = flow_polling_index(directory, polling) if polling != 'ANY' else FLOW_FILE
     config = yaml.safe_load(Path(source).read_text())
     indexer = next(executor for executor in config['executors'] if executor['uses'] == 'AnnLiteIndexer')
-    indexer['uses_with']['pq_train_size'] = pq_train_size
+    indexer['uses_with'].update(pq_train_size=pq_train_size, **uses_with)
     path = Path(directory) / f'search_flow_pq_{polling.lower()}.yml'
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
