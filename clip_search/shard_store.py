@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import traceback
 import zlib
 from pathlib import Path
 from typing import Iterable
@@ -202,7 +203,7 @@ def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path
     if target.exists():
         shutil.rmtree(target)
     target.mkdir()
-    index.vec_index(0).dump(target / 'hnsw.bin')
+    save_graph(index.vec_index(0), target / 'hnsw.bin')
     faults.reach('mid-snapshot')
     index.cell_table(0).dump(target / 'cells.db')
     index.meta_table.dump(target / 'meta.db')
@@ -220,6 +221,30 @@ def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path
     write_atomically(target / MANIFEST, json.dumps(manifest, indent=2).encode())
     fsync_directory(folder)  # the snapshot's folder entry too, before anything older is deleted
     return target
+
+
+def save_graph(graph, path: Path) -> None:
+    """Write the HNSW graph from a forked child, a copy-on-write image of this process.
+
+    hnswlib's ``save_index`` holds the GIL for the whole write (a gigabyte at 500k float documents),
+    so every search of the shard would wait for it. The child sees the graph as it was at the fork
+    and writes it while the parent goes on answering; the shard's write lock keeps writes out
+    meanwhile. The child runs nothing of the parent's (no atexit, no destructors): it leaves by ``_exit``.
+    """
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            graph.dump(path)
+            status = 0
+        except BaseException:  # noqa: BLE001 - said on stderr, and by the exit status to the parent
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SnapshotError(f'the process writing {path} exited with {code}')
 
 
 def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:

@@ -3,10 +3,12 @@ for it, searches answer while it runs, and a failed snapshot fails no write and 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import numpy as np
+import pytest
 from docarray import Document, DocumentArray
 
 from clip_search import shard_store
@@ -88,3 +90,29 @@ def test_a_failed_snapshot_fails_no_write_is_logged_and_retried(tmp_path, monkey
     assert shard.loaded_how == f'loaded snapshot-{retried} (13 documents) and replayed 0 changed ids'
 
     shard.close()
+
+
+def test_the_graph_is_written_by_a_forked_child_and_a_failing_child_fails_the_snapshot(tmp_path, monkeypatch):
+    """hnswlib's save_index holds the GIL for the whole write: in the shard's own process every search
+    would wait for it. A child forked for it writes the graph the parent holds."""
+    shard = open_shard(tmp_path, snapshot_every=10**6)
+    shard.index(docs('a', 50, seed=1))
+    graph, writers = shard._index.vec_index(0), tmp_path / 'writers'
+    dump = graph.dump
+
+    def dump_noting_the_writer(path):
+        with open(writers, 'a') as note:
+            note.write(f'{os.getpid()}\n')
+        dump(path)
+
+    monkeypatch.setattr(graph, 'dump', dump_noting_the_writer)
+    shard.close()  # a graceful stop's snapshot
+    assert [int(pid) for pid in writers.read_text().split()] != [os.getpid()]
+    assert len(writers.read_text().split()) == 1
+    reopened = open_shard(tmp_path)
+    assert reopened._index.total_docs == 50 and reopened.loaded_how.startswith('loaded snapshot-')
+    assert [m.id for m in reopened.search(docs('a', 1, seed=1), parameters={'limit': 1})[0].matches] == ['a0']
+
+    monkeypatch.setattr(reopened._index.vec_index(0), 'dump', lambda path: os._exit(7))  # a child that dies
+    with pytest.raises(shard_store.SnapshotError, match=r'the process writing .*/elsewhere.bin exited with 7$'):
+        shard_store.save_graph(reopened._index.vec_index(0), tmp_path / 'elsewhere.bin')
