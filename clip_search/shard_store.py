@@ -28,7 +28,7 @@ from typing import Iterable
 
 import numpy as np
 
-from clip_search import faults, journal
+from clip_search import faults, journal, slot_reuse
 
 SNAPSHOT = 'snapshot-'
 JOURNAL = 'journal-'
@@ -44,6 +44,12 @@ MANIFEST = 'manifest.json'
 # filled within 1,000 searches (+16 MiB resident), for as few hits; the OS page cache serves the rest
 WRITE_BUFFER_BYTES = 16 << 20
 BLOCK_CACHE_BYTES = 2 << 20
+
+
+# the document store is compacted once its files hold this share more than its live data: overwritten
+# and deleted values stay in RocksDB's files until a compaction merges them, and on a store smaller
+# than its first level target (256 MB) RocksDB's own compactions leave several times the live data
+STORE_GARBAGE = 0.10
 
 
 class SnapshotError(RuntimeError):
@@ -92,7 +98,24 @@ def open_index(**annlite_kwargs):
         annlite.container.DocStorage = original
     single_threaded(index)
     _drop_time_index(index)
+    index.free_slots = slot_reuse.attach(index)  # inserts take the graph slots of deleted documents
     return index
+
+
+def tidy_store(index) -> bool:
+    """Flush the document store's memtable (its write-ahead log goes with it) and compact the store
+    when old values take more than ``STORE_GARBAGE`` of its files; True when it compacted.
+
+    Safe beside writes and searches (RocksDB's own locking), and RocksDB leaves Python's lock while it works.
+    """
+    db = index.doc_store(0)._db
+    db.flush(wait=True)
+    files = db.property_int_value('rocksdb.total-sst-files-size') or 0
+    live = db.property_int_value('rocksdb.estimate-live-data-size') or 0
+    if files <= live * (1 + STORE_GARBAGE):
+        return False
+    db.compact_range(None, None)
+    return True
 
 
 def single_threaded(index) -> None:
@@ -103,6 +126,11 @@ def single_threaded(index) -> None:
 def _drop_time_index(index) -> None:
     """annlite's id table indexes its write time for its own snapshot naming, which the shard does not use."""
     index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
+
+
+def unreclaimed_slots(index) -> int:
+    """Graph nodes of deleted documents that no insert has reused yet (clip_search.slot_reuse)."""
+    return len(index.free_slots)
 
 
 def indexed_count(index) -> int:
@@ -224,6 +252,7 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     index.cell_table(0).load(source / 'cells.db')
     index.meta_table.load(source / 'meta.db')
     _drop_time_index(index)
+    index.free_slots.recompute()
     return generation, int(manifest['documents'])
 
 
@@ -272,14 +301,25 @@ def replay(index, ids: Iterable[str], batch_size: int = 1024) -> int:
     return len(ids)
 
 
-def unindex(index, ids: Iterable[str]) -> None:
-    """Remove ids from the graph and annlite's tables, leaving the document store alone."""
+def unindex(index, ids: Iterable[str]) -> list[str]:
+    """Remove ids from the graph and annlite's tables, leaving the document store alone; returns
+    the ids that were indexed."""
+    found = []
     for doc_id in ids:
         cell_id, offset = index.meta_table.get_address(doc_id)
         if cell_id is not None:
             index.vec_index(cell_id).delete([offset])
             index.cell_table(cell_id).delete_by_offset(offset)
             index.meta_table.delete_address(doc_id)
+            found.append(doc_id)
+    return found
+
+
+def delete(index, ids: Iterable[str]) -> None:
+    """annlite's delete, with one synced write to the document store for all ids (annlite's syncs each)."""
+    found = unindex(index, ids)
+    if found:
+        index.doc_store(0).delete(found)
 
 
 def reset(index) -> None:
