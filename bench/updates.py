@@ -5,9 +5,11 @@
 One shard (the indexer alone, no Flow) of 64-d documents is indexed, then every document is
 updated (a new embedding) ``rounds`` times over, 500 a request. After the first indexing and after
 each round it reports the round's updates/s, the process's resident memory, the shard's folder on
-disk and ``unreclaimed_slots`` from /status (graph nodes of replaced documents, which annlite only
-marks deleted). The issue's target: the last round within 15% of the first indexing in memory and
-on disk, and at least 0.8x its rate.
+disk and ``unreclaimed_slots`` from /status (graph slots of deleted documents that no insert has
+reused yet). Rates are wall-clock and, as the machine may be shared, also per CPU-second of the
+process. The issue's target: the last round within 15% of the first indexing in memory and on
+disk, and at least 0.8x as fast as the first round (reported against the indexing round and against
+the first update round).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def main() -> None:
     rng = np.random.default_rng(1)
     rows = []
     for round_ in range(args.rounds + 1):
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         for start in range(0, args.docs, BATCH):
             vectors = rng.normal(size=(min(BATCH, args.docs - start), DIM)).astype(np.float32)
             batch = DocumentArray(Document(id=f'd{start + i}', embedding=v) for i, v in enumerate(vectors))
@@ -47,7 +49,7 @@ def main() -> None:
                 shard.index(batch)
             else:
                 shard.update(batch, parameters={})
-        seconds = time.monotonic() - started
+        seconds, cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
         while shard._snapshotting.is_set():  # the background snapshot's files count on disk
             time.sleep(0.05)
         (entry,) = shard.status()[0].tags['shards']
@@ -55,6 +57,7 @@ def main() -> None:
             'round': round_,
             'what': 'index' if round_ == 0 else 'update every document',
             'docs_per_s': round(args.docs / seconds),
+            'docs_per_cpu_s': round(args.docs / cpu_seconds),
             'rss_mib': round(rss_mib()),
             'disk_mib': round(dir_size_mib(workspace)),
             'unreclaimed_slots': int(entry['unreclaimed_slots']),
@@ -65,9 +68,11 @@ def main() -> None:
     result = {
         'docs': args.docs,
         'rounds': rows,
-        'last_over_first': {key: round(last[key] / first[key], 2) for key in ('docs_per_s', 'rss_mib', 'disk_mib')},
+        'last_over_first': {key: round(last[key] / first[key], 2) for key in ('docs_per_s', 'docs_per_cpu_s', 'rss_mib', 'disk_mib')},
     }
-    print(json.dumps(result['last_over_first']))
+    if len(rows) > 2:
+        result['last_over_first_update'] = {key: round(last[key] / rows[1][key], 2) for key in ('docs_per_s', 'docs_per_cpu_s')}
+    print(json.dumps({key: value for key, value in result.items() if key.startswith('last')}))
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / 'updates.json').write_text(json.dumps(result, indent=2) + '\n')

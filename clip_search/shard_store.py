@@ -32,7 +32,7 @@ from typing import Iterable
 
 import numpy as np
 
-from clip_search import faults, journal
+from clip_search import faults, journal, slot_reuse
 
 SNAPSHOT = 'snapshot-'
 JOURNAL = 'journal-'
@@ -49,9 +49,15 @@ MANIFEST = 'manifest.json'
 WRITE_BUFFER_BYTES = 16 << 20
 BLOCK_CACHE_BYTES = 2 << 20
 LIVE_TABLES = 'tables'
-# annlite keeps its tables in memory: about 230 B a document (bench/memory.py), a third of a PQ
-# shard's. In a file, SQLite's own cache stays small and the rest is the OS's page cache (a memory map)
+# annlite keeps its tables in memory, a share of every document's cost (bench/memory.py). In a file,
+# SQLite's own cache stays small and the rest is the OS's page cache (a memory map)
 TABLE_PRAGMAS = ('journal_mode=MEMORY', 'synchronous=OFF', 'cache_size=-2048', f'mmap_size={1 << 40}')
+
+
+# the document store is compacted once its files hold this share more than its live data: overwritten
+# and deleted values stay in RocksDB's files until a compaction merges them, and on a store smaller
+# than its first level target (256 MB) RocksDB's own compactions leave several times the live data
+STORE_GARBAGE = 0.10
 
 
 class SnapshotError(RuntimeError):
@@ -117,6 +123,7 @@ def open_index(**annlite_kwargs):
             setattr(annlite.container, name, cls)
     single_threaded(index)
     _drop_time_index(index)
+    index.free_slots = slot_reuse.attach(index)  # inserts take the graph slots of deleted documents
     return index
 
 
@@ -133,6 +140,22 @@ def _tune(connection) -> None:
         connection.execute(f'PRAGMA {pragma}')
 
 
+def tidy_store(index) -> bool:
+    """Flush the document store's memtable (its write-ahead log goes with it) and compact the store
+    when old values take more than ``STORE_GARBAGE`` of its files; True when it compacted.
+
+    Safe beside writes and searches (RocksDB's own locking), and RocksDB leaves Python's lock while it works.
+    """
+    db = index.doc_store(0)._db
+    db.flush(wait=True)
+    files = db.property_int_value('rocksdb.total-sst-files-size') or 0
+    live = db.property_int_value('rocksdb.estimate-live-data-size') or 0
+    if files <= live * (1 + STORE_GARBAGE):
+        return False
+    db.compact_range(None, None)
+    return True
+
+
 def single_threaded(index) -> None:
     """One HNSW thread per shard: annlite's default (all cores) makes shards on one machine fight."""
     index.vec_index(0)._index.set_num_threads(1)
@@ -141,6 +164,11 @@ def single_threaded(index) -> None:
 def _drop_time_index(index) -> None:
     """annlite's id table indexes its write time for its own snapshot naming, which the shard does not use."""
     index.meta_table.execute('DROP INDEX IF EXISTS idx_time_at_')
+
+
+def unreclaimed_slots(index) -> int:
+    """Graph nodes of deleted documents that no insert has reused yet (clip_search.slot_reuse)."""
+    return len(index.free_slots)
 
 
 def indexed_count(index) -> int:
@@ -286,6 +314,7 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     index.cell_table(0).load(source / 'cells.db')
     index.meta_table.load(source / 'meta.db')
     _drop_time_index(index)
+    index.free_slots.recompute()
     return generation, int(manifest['documents'])
 
 
@@ -334,14 +363,25 @@ def replay(index, ids: Iterable[str], batch_size: int = 1024) -> int:
     return len(ids)
 
 
-def unindex(index, ids: Iterable[str]) -> None:
-    """Remove ids from the graph and annlite's tables, leaving the document store alone."""
+def unindex(index, ids: Iterable[str]) -> list[str]:
+    """Remove ids from the graph and annlite's tables, leaving the document store alone; returns
+    the ids that were indexed."""
+    found = []
     for doc_id in ids:
         cell_id, offset = index.meta_table.get_address(doc_id)
         if cell_id is not None:
             index.vec_index(cell_id).delete([offset])
             index.cell_table(cell_id).delete_by_offset(offset)
             index.meta_table.delete_address(doc_id)
+            found.append(doc_id)
+    return found
+
+
+def delete(index, ids: Iterable[str]) -> None:
+    """annlite's delete, with one synced write to the document store for all ids (annlite's syncs each)."""
+    found = unindex(index, ids)
+    if found:
+        index.doc_store(0).delete(found)
 
 
 def reset(index) -> None:

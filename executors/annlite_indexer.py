@@ -151,6 +151,7 @@ class AnnLiteIndexer(Executor):
         self._unfinished_replaces = True  # replace journals may be left by a crash: look before the first write
         self._snapshotting = threading.Event()  # a background snapshot is running
         self._snapshot_failed = False  # the last snapshot failed: the next write starts another
+        self._store_lock = threading.Lock()  # held by a tidy of the document store, which close waits for
         self._closed = False
         if self._index.total_docs == 0:
             self._start_empty()
@@ -214,7 +215,7 @@ class AnnLiteIndexer(Executor):
 
     def close(self) -> None:
         """A graceful stop: snapshot what changed, so the next start loads instead of replaying."""
-        with self._write_lock:
+        with self._store_lock, self._write_lock:  # after a running tidy of the store (_tidy_store)
             self._closed = True  # a background snapshot still waiting for the lock has nothing to do
             if self._loaded.is_set():
                 if self._journal.changes or self._snapshot_failed:
@@ -335,8 +336,22 @@ class AnnLiteIndexer(Executor):
                 except Exception as exc:  # noqa: BLE001 - a full disk, say: the journal still has every write
                     self._snapshot_failed = True
                     self.logger.error(f'shard {self.shard_id}: snapshot failed, retried after the next write: {exc!r}')
+            self._tidy_store()
         finally:
             self._snapshotting.clear()
+
+    def _tidy_store(self) -> None:
+        """After a snapshot, outside the write lock (writes and searches go on): flush the document store
+        and compact it if old values pile up in its files, so that updates do not grow it on disk."""
+        with self._store_lock:
+            if self._closed:
+                return
+            started = time.monotonic()
+            try:
+                if shard_store.tidy_store(self._index):
+                    self.logger.debug(f'shard {self.shard_id}: compacted the document store in {time.monotonic() - started:.1f} s')
+            except Exception as exc:  # noqa: BLE001 - the store stays correct, only larger: tried again next time
+                self.logger.error(f'shard {self.shard_id}: tidying the document store failed: {exc!r}')
 
     def _compress_when_ready(self) -> bool:
         """With n_subvectors: once the shard holds ``pq_train_size`` documents, train the codec and
@@ -378,7 +393,7 @@ class AnnLiteIndexer(Executor):
     def _delete_docs(self, docs: DocumentArray) -> DocumentArray:
         present = [doc.id for doc in docs if self._contains(doc.id)]
         if present:
-            self._write('del', present, lambda: self._index.delete(present))
+            self._write('del', present, lambda: shard_store.delete(self._index, present))
         present_ids = set(present)
         return DocumentArray(Document(id=doc.id, tags={'deleted': doc.id in present_ids}) for doc in docs)
 
@@ -459,8 +474,7 @@ class AnnLiteIndexer(Executor):
         return id_of
 
     def _status(self) -> DocumentArray:
-        graph_nodes = self._index.vec_index(0)._index.element_count  # hnswlib counts deleted nodes too
-        unreclaimed = graph_nodes - shard_store.indexed_count(self._index)
+        unreclaimed = shard_store.unreclaimed_slots(self._index)
         return DocumentArray([shard_status(self.shard_id, self._index.total_docs, self.settings, unreclaimed)])
 
     def _owned(self, docs: DocumentArray) -> DocumentArray:
@@ -487,7 +501,7 @@ class AnnLiteIndexer(Executor):
         journal = self._data_path / REPLACE_JOURNAL.replace('*', f'{time.time_ns():020d}')  # unique, in time order
         shard_store.write_atomically(journal, old.to_bytes())
         try:
-            self._index.delete(existing)
+            shard_store.delete(self._index, existing)
             self._index.index(DocumentArray(_storable(doc) for doc in docs))
         except Exception:
             self._unfinished_replaces = True  # should the restore fail too, the next write retries it first
@@ -633,9 +647,7 @@ def _restore_interrupted_replace(index, journal: Path, old: DocumentArray, logge
 
     The replace was never acknowledged, so the acknowledged state is the one before it.
     """
-    present = [doc.id for doc in old if index.meta_table.get_address(doc.id)[0] is not None]
-    if present:
-        index.delete(present)
+    shard_store.delete(index, old[:, 'id'])  # the ids the interrupted replace left indexed
     index.index(old)
     shard_store.remove_durably(journal)
     logger.warning(f'restored {len(old)} documents of a replace interrupted by a crash: {old[:, "id"][:10]}')
