@@ -10,17 +10,25 @@ whole, in one list.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
-from docarray import DocumentArray
+from docarray import Document, DocumentArray
 
 CHUNK = 2048  # candidates read at a time: ids, embeddings (and, transiently, their documents' bytes)
 
 
-def exact_search(index, queries: DocumentArray, search_filter: Optional[dict], limit: int, chunk: int = CHUNK) -> None:
+def exact_search(
+    index,
+    queries: DocumentArray,
+    search_filter: Optional[dict],
+    limit: int,
+    chunk: int = CHUNK,
+    done: Optional[Callable[[Document], None]] = None,
+) -> None:
     """Set each query's ``matches``: the ``limit`` documents passing ``search_filter`` closest by
-    cosine distance (ties: the earlier indexed first), with ``scores['cosine']``."""
+    cosine distance (ties: the earlier indexed first), with ``scores['cosine']``. ``done`` gets each
+    query as soon as its matches are set, before the next query's documents are read."""
     matrix = _unit_rows(np.asarray(queries.embeddings, dtype=np.float32).reshape(len(queries), -1))
     best_distances = np.empty((len(queries), 0), dtype=np.float32)
     best_ids = np.empty((len(queries), 0), dtype=object)
@@ -39,6 +47,8 @@ def exact_search(index, queries: DocumentArray, search_filter: Optional[dict], l
         for match, distance in zip(matches, distances):
             match.scores['cosine'].value = float(distance)
         query.matches = matches
+        if done is not None:
+            done(query)
 
 
 def candidate_ids(index, search_filter: Optional[dict], chunk: int) -> Iterator[list[str]]:

@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import numpy as np
 from docarray import Document, DocumentArray
+from docarray.array.memory import DocumentArrayInMemory
 from jina import Executor, requests
 
 from clip_search import allocator, shard_store  # annlite itself is imported late, inside shard_store
@@ -195,7 +196,12 @@ class AnnLiteIndexer(Executor):
         async with self._lock:
             if len(docs) * _requested_limit(parameters, self.default_limit) <= INLINE_SEARCH_MATCHES:
                 return self.search(docs, parameters)
-            return await asyncio.get_running_loop().run_in_executor(None, self.search, docs, parameters)
+            return await asyncio.get_running_loop().run_in_executor(None, self._search_for_the_wire, docs, parameters)
+
+    def _search_for_the_wire(self, docs: DocumentArray, parameters: dict) -> DocumentArray:
+        """``search``, answered as a ``WireAnswer``: each query's matches become protobuf as soon as
+        they are final, so the answer is never held as Python documents and protobuf at once."""
+        return self._answer(self._search_docs, docs, parameters, True)
 
     def search(self, docs: DocumentArray, parameters: dict, **kwargs) -> DocumentArray:
         """Attach this shard's top-``limit`` matches, ascending cosine distance, to every query."""
@@ -397,7 +403,8 @@ class AnnLiteIndexer(Executor):
         present_ids = set(present)
         return DocumentArray(Document(id=doc.id, tags={'deleted': doc.id in present_ids}) for doc in docs)
 
-    def _search_docs(self, docs: DocumentArray, parameters: dict) -> DocumentArray:
+    def _search_docs(self, docs: DocumentArray, parameters: dict, for_the_wire: bool = False) -> DocumentArray:
+        """The search; ``for_the_wire``: answer a ``WireAnswer``, each query sealed once its matches are final."""
         limit, search_filter = validate_search_parameters(
             parameters, self.default_limit, [name for name, _ in self.columns]
         )
@@ -405,28 +412,35 @@ class AnnLiteIndexer(Executor):
         check_match_budget(len(docs), limit, self.max_matches)
         self._check_candidates(limit)
         self._check_embeddings(docs)
+        answer = WireAnswer(docs) if for_the_wire else docs
+
+        def done(query: Document) -> None:  # the query's matches are final: filter by distance, seal
+            _keep_within(query, max_distance)
+            if for_the_wire:
+                answer.seal(query)
+
         if self._index.total_docs == 0:
             for doc in docs:
                 doc.matches = DocumentArray()
-            return docs
+            return answer
         try:
             if search_filter or self._index.n_cells != 1:
                 compressed = self._compression and self._compression.trained(self._index)
                 self._index.search(docs, filter=search_filter, limit=self._compression.candidates(limit) if compressed else limit)
                 if compressed:  # the matches carry their stored embeddings: exact distances from them
                     self._compression.rerank_matches(docs, limit)
-                _finish_matches(docs)
+                for doc in docs:
+                    _finish_matches(doc)
+                    done(doc)
             else:
-                self._search_unfiltered(docs, limit)
+                self._search_unfiltered(docs, limit, done)
         except RuntimeError as exc:
-            if not _graph_walk_fell_short(exc):
+            if not _graph_walk_fell_short(exc):  # raised before any query is done (the graph walk comes first)
                 raise
-            exact_filtered_search(self._index, docs, search_filter, limit)
-            _finish_matches(docs)
-        _keep_within(docs, max_distance)
-        return docs
+            exact_filtered_search(self._index, docs, search_filter, limit, lambda query: (_finish_matches(query), done(query)))
+        return answer
 
-    def _search_unfiltered(self, docs: DocumentArray, limit: int) -> None:
+    def _search_unfiltered(self, docs: DocumentArray, limit: int, done: Callable[[Document], None]) -> None:
         """annlite's search without its per-query overheads, for the common case of no filter.
 
         Same graph, same ef, same answer as ``AnnLite.search``, but the profile of that call
@@ -434,7 +448,8 @@ class AnnLiteIndexer(Executor):
         in it: one HNSW call and a SQL ``count`` of the whole table per query, a throwaway
         ``Document`` per match, and one key-value lookup per match. Here all queries go to HNSW as
         one matrix, the offsets become ids in one SQL query, and each query's matches come from one
-        multi-get.
+        multi-get. ``done`` gets each query as soon as its matches are set, before the next query's
+        documents are read.
         """
         from annlite.math import l2_normalize
 
@@ -454,6 +469,7 @@ class AnnLiteIndexer(Executor):
             for match in matches:
                 _finish_match(match, distance_of[match.id])
             doc.matches = matches
+            done(doc)
 
     def _check_candidates(self, limit: int) -> None:
         if self._compression and self._compression.candidates(limit) > self.max_candidates:
@@ -577,12 +593,10 @@ def _last_of_each_id(docs) -> DocumentArray:
     return DocumentArray(by_id.values())
 
 
-def _keep_within(docs: DocumentArray, max_distance: Optional[float]) -> None:
-    """Drop the matches farther than the request's ``max_distance`` (None keeps them all)."""
-    if max_distance is None:
-        return
-    for doc in docs:
-        doc.matches = DocumentArray(m for m in doc.matches if within_distance(m.scores['cosine'].value, max_distance))
+def _keep_within(query: Document, max_distance: Optional[float]) -> None:
+    """Drop the query's matches farther than the request's ``max_distance`` (None keeps them all)."""
+    if max_distance is not None:
+        query.matches = DocumentArray(m for m in query.matches if within_distance(m.scores['cosine'].value, max_distance))
 
 
 def _finish_match(match: Document, distance: float) -> None:
@@ -602,16 +616,63 @@ def _graph_walk_fell_short(exc: RuntimeError) -> bool:
     return 'contigious 2D array' in str(exc)
 
 
-def _finish_matches(docs: DocumentArray) -> None:
-    for doc in docs:
-        for match in doc.matches:
-            _finish_match(match, match.scores['cosine'].value)
+def _finish_matches(query: Document) -> None:
+    for match in query.matches:
+        _finish_match(match, match.scores['cosine'].value)
 
 
-def exact_filtered_search(index, docs: DocumentArray, search_filter: Optional[dict], limit: int) -> None:
+def exact_filtered_search(
+    index, docs: DocumentArray, search_filter: Optional[dict], limit: int, done: Optional[Callable[[Document], None]] = None
+) -> None:
     """Top-``limit`` matches by cosine distance among every document that passes the filter (brute
-    force, a chunk of candidates at a time: ``clip_search.exact_search``)."""
-    exact_search(index, docs, search_filter, limit)
+    force, a chunk of candidates at a time: ``clip_search.exact_search``); ``done`` gets each query
+    as soon as its matches are set."""
+    exact_search(index, docs, search_filter, limit, done=done)
+
+
+class WireAnswer(DocumentArrayInMemory):
+    """A search's answer that leaves the shard as protobuf without being held twice.
+
+    Jina sends an executor's answer as ``to_protobuf()`` of the returned DocumentArray (and copies
+    that message into the request, then serialises it). Built the usual way, the Python documents of
+    every match (about 1 KB each beyond their bytes) are still alive when that happens, beside a
+    protobuf that holds each match twice (docarray makes a message per match and appends it to its
+    query's, and protobuf's arenas keep both). Here each query is ``seal``-ed as soon as its matches
+    are final: it is serialised then (the bytes a client will receive, nothing more) and its Python
+    matches are dropped, so at most one query's match documents exist at a time; ``to_protobuf``
+    parses the bytes into one message, freeing each query's as it goes. The message equals what
+    ``DocumentArray.to_protobuf`` makes; only the in-process view differs (sealed queries have no
+    ``matches``), which is why the shard answers this way only to Jina (``serve_search``).
+    """
+
+    def __init__(self, docs: DocumentArray):
+        super().__init__()
+        self.extend(docs)  # the same Document objects, not copies (``seal`` knows a query by identity)
+        self._sealed: dict[int, bytes] = {}  # id(query) -> its serialised DocumentProto, matches included
+        self._proto = None
+
+    def seal(self, query: Document) -> None:
+        """Serialise the query now and drop its Python matches (the bytes carry them)."""
+        self._sealed[id(query)] = query.to_protobuf().SerializeToString()
+        query.pop('matches')
+
+    def to_protobuf(self, ndarray_type: Optional[str] = None):
+        """What ``DocumentArray.to_protobuf`` makes of the answer (made once, then the same message).
+
+        The sealed queries were made with ``ndarray_type=None``, Jina's default ``output_array_type``
+        (their matches carry no embedding; only the query's own may differ by type)."""
+        if self._proto is None:
+            from docarray.proto.docarray_pb2 import DocumentArrayProto
+
+            self._proto = DocumentArrayProto()
+            for doc in self:  # each sealed query's bytes are freed once parsed: never two copies of the answer
+                sealed = self._sealed.pop(id(doc), None)
+                if sealed is None:
+                    self._proto.docs.append(doc.to_protobuf(ndarray_type))
+                else:
+                    self._proto.docs.add().MergeFromString(sealed)
+                    del sealed
+        return self._proto
 
 
 def _check_or_write_settings(data_path: Path, settings: dict) -> None:

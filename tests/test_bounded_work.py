@@ -10,7 +10,7 @@ import pytest
 from docarray import Document, DocumentArray
 
 from clip_search import exact_search as exact
-from clip_search.executors.annlite_indexer import AnnLiteIndexer
+from clip_search.executors.annlite_indexer import INLINE_SEARCH_MATCHES, AnnLiteIndexer
 
 
 def open_shard(workspace, **settings) -> AnnLiteIndexer:
@@ -20,6 +20,12 @@ def open_shard(workspace, **settings) -> AnnLiteIndexer:
 def queries(n: int, seed: int = 1) -> DocumentArray:
     rng = np.random.default_rng(seed)
     return DocumentArray(Document(embedding=rng.normal(size=8).astype(np.float32)) for _ in range(n))
+
+
+def named(docs: DocumentArray) -> DocumentArray:
+    for i, doc in enumerate(docs):
+        doc.id = f'q{i}'
+    return docs
 
 
 def test_a_search_asking_for_more_matches_than_the_cap_is_refused_naming_it(tmp_path):
@@ -66,4 +72,41 @@ def test_the_exact_search_reads_a_chunk_of_candidates_at_a_time_and_then_only_th
         assert query.matches[:, 'id'] == expected
         assert [m.scores['cosine'].value for m in query.matches] == pytest.approx([distances[i] for i in expected], abs=1e-5)
         assert all(m.tags['color'] == 'red' for m in query.matches)
+    shard.close()
+
+
+def test_a_served_search_holds_one_querys_match_documents_at_a_time_and_answers_the_same_bytes(tmp_path, monkeypatch):
+    """The /search endpoint serialises each query's matches as soon as they are final (``WireAnswer``):
+    when the store is read for a query, no earlier query still holds Python match documents, through
+    the graph and through the exact fallback; what Jina sends is what the in-process answer makes."""
+    import asyncio
+
+    shard = AnnLiteIndexer(n_dim=8, metas={'workspace': str(tmp_path)}, columns=[['color', 'str']], runtime_args={'shards': 2})
+    rng = np.random.default_rng(4)
+    shard.index(
+        DocumentArray(
+            Document(id=f'd{i}', embedding=rng.normal(size=8).astype(np.float32), tags={'color': 'green' if i % 100 == 0 else 'red'}, blob=bytes([i % 256]) * (i % 7))
+            for i in range(600)
+        )
+    )
+    store = shard._index.doc_store(0)
+    original_get = type(store).get
+    for parameters, reads in (
+        ({'limit': 300}, 8),  # the graph: one read per query
+        ({'limit': 300, 'max_distance': 0.9}, 8),
+        ({'limit': 200, 'filter': {'color': {'$eq': 'green'}}}, 6 + 1 + 8),  # 6 pass: annlite's walk reads them and falls short, the exact search reads its candidates, then each query's
+    ):
+        expected = shard.search(named(queries(8, seed=5)), dict(parameters)).to_protobuf()
+        asked, holding = named(queries(8, seed=5)), []
+        assert len(asked) * parameters['limit'] > INLINE_SEARCH_MATCHES  # the served path of a large search
+        monkeypatch.setattr(type(store), 'get', lambda self, ids: holding.append(sum(1 for q in asked if q.matches)) or original_get(self, ids))
+        answer = asyncio.run(shard.serve_search(asked, dict(parameters)))
+        monkeypatch.setattr(type(store), 'get', original_get)
+        assert holding == [0] * reads, parameters
+        assert [len(q.matches) for q in answer] == [0] * 9  # sealed: the matches are in the protobuf only
+        assert answer.to_protobuf() == expected  # the 8 queries, their matches and the shard's marker, byte for byte
+        assert answer.to_protobuf().SerializeToString() == expected.SerializeToString()
+        sent = DocumentArray.from_protobuf(answer.to_protobuf())
+        assert [len(q.matches) for q in sent[:8]] == [len(q.matches) for q in DocumentArray.from_protobuf(expected)[:8]]
+        assert all(len(q.matches) for q in sent[:8])
     shard.close()
