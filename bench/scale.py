@@ -167,8 +167,8 @@ def run_snapshot_pause(task: dict) -> dict:
     """Search latency in one shard while it writes a snapshot, beside without (issue 26): a thread
     searches one query at a time; meanwhile the shard takes a snapshot as its background thread does
     (under the write lock only). Latencies of the searches that overlapped a snapshot are compared
-    with those of the same length of time without one; and the snapshot as the shard takes it (the
-    graph written by a forked child) with the graph written in the shard's own process, as before."""
+    with those of the same length of time without one; and the snapshot as the shard takes it (its
+    files written by a forked child) with the files written in the shard's own process, as before."""
     import threading
 
     from docarray import Document, DocumentArray
@@ -177,7 +177,7 @@ def run_snapshot_pause(task: dict) -> dict:
 
     queries = np.load(Path(task['data']) / 'queries.npy')
     indexer = open_shard(task)
-    forked = shard_store.save_graph
+    forked = shard_store.run_in_child
 
     def search_while(busy: threading.Event, stop: threading.Event) -> list[float]:
         latencies, i = [], 0
@@ -204,7 +204,7 @@ def run_snapshot_pause(task: dict) -> dict:
     snapshot_seconds = {'forked': [], 'in_process': []}
     for _ in range(task.get('rounds', 3)):
         for kind in ('without', 'forked', 'in_process'):
-            shard_store.save_graph = forked if kind != 'in_process' else (lambda graph, path: graph.dump(path))
+            shard_store.run_in_child = forked if kind != 'in_process' else (lambda work, what: work())
             busy, stop, out = threading.Event(), threading.Event(), []
             busy.set()
             searcher = threading.Thread(target=lambda: out.extend(search_while(busy, stop)))
@@ -215,7 +215,7 @@ def run_snapshot_pause(task: dict) -> dict:
             stop.set()
             searcher.join()
             latencies[kind].extend(out)
-    shard_store.save_graph = forked
+    shard_store.run_in_child = forked
     folder = sorted(indexer._data_path.glob('snapshot-*'))[-1]
     size = sum(f.stat().st_size for f in folder.iterdir())
     indexer.close()
@@ -246,9 +246,13 @@ def run_shard(task: dict) -> dict:
         started = time.perf_counter()
         indexer.search(docs, parameters={'limit': LIMIT})
         seconds.append(time.perf_counter() - started)
+    compression = indexer._compression if indexer._compression and indexer._compression.trained(indexer._index) else None
     for query in queries:
         started = time.perf_counter()
-        graph.knn_query(l2_normalize(query[None]), k=LIMIT, num_threads=1)
+        if compression:  # a graph over PQ codes takes the query's codes and distance tables: the call and its re-rank
+            compression.nearest(indexer._index, query[None], LIMIT)
+        else:
+            graph.knn_query(l2_normalize(query[None]), k=LIMIT, num_threads=1)
         graph_seconds.append(time.perf_counter() - started)
     batch = DocumentArray(Document(embedding=q) for q in queries)
     started = time.perf_counter()
@@ -540,6 +544,9 @@ def main() -> None:
         results['flow_pq'] = run_flow(data, work / f'pq{args.pq}', args.shards, pq=args.pq)
     measured = results['flow_pq' if args.float_from or args.no_float else 'flow']
     shard_task = {'data': str(data), 'folder': measured['shard_folder'], 'shard': 0}
+    out = args.out / (f'scale-{args.docs}' + (f'-pq{args.pq}' if args.pq else '') + '.json')
+    args.out.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))  # the Flow's figures, whatever happens to the workers
     results['shard'] = worker('shard', shard_task)
     log(f'one shard in-process: {results["shard"]}')
     results['snapshot_pause'] = worker('snapshot', shard_task)
@@ -551,9 +558,7 @@ def main() -> None:
     results['summary'] = summary(results, args.shards)
     if args.pq and not args.no_float:
         results['summary_pq'] = summary_pq(results, args.pq)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f'scale-{args.docs}' + (f'-pq{args.pq}' if args.pq else '')
-    (args.out / f'{name}.json').write_text(json.dumps(results, indent=2))
+    out.write_text(json.dumps(results, indent=2))
     if 'summary_pq' in results:
         print(json.dumps(results['summary_pq'], indent=2))
     print(json.dumps(results['summary'], indent=2))

@@ -28,7 +28,7 @@ import shutil
 import traceback
 import zlib
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -226,53 +226,73 @@ def generations(folder: Path, prefix: str) -> list[int]:
 
 
 def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path:
-    """Dump the graph and annlite's tables into ``snapshot-<generation>``; the manifest goes last."""
+    """Write the graph and annlite's tables into ``snapshot-<generation>``; the manifest goes last."""
     target = folder / f'{SNAPSHOT}{generation}'
     if target.exists():
         shutil.rmtree(target)
     target.mkdir()
-    save_graph(index.vec_index(0), target / 'hnsw.bin')
+    tables = {'cells.db': index.cell_table(0), 'meta.db': index.meta_table}
+    if any(table._conn.in_transaction for table in tables.values()):  # every write commits: never seen
+        raise SnapshotError('a table has a transaction open: its file is not whole')
+    files = run_in_child(lambda: _write_data_files(index.vec_index(0), tables, target), f'writing {target}')
     faults.reach('mid-snapshot')
-    index.cell_table(0).dump(target / 'cells.db')
-    index.meta_table.dump(target / 'meta.db')
     codec = index.vec_index(0).pq_codec
     if codec is not None:
-        codec.dump(target / next(iter(CODEC)))
-    for name in _files(codec is not None):  # the data on disk before the manifest that vouches for it (SQLite's rule)
+        name = next(iter(CODEC))
+        codec.dump(target / name)
         fsync_file(target / name)
-    fsync_directory(target)
-    manifest = {
-        'settings': settings,
-        'documents': index.total_docs,
-        'files': {name: {'size': (target / name).stat().st_size, 'crc32': _crc32(target / name)} for name in _files(codec is not None)},
-    }
+        files[name] = _size_and_crc(target / name)
+    fsync_directory(target)  # the data on disk before the manifest that vouches for it (SQLite's rule)
+    manifest = {'settings': settings, 'documents': index.total_docs, 'files': files}
     write_atomically(target / MANIFEST, json.dumps(manifest, indent=2).encode())
     fsync_directory(folder)  # the snapshot's folder entry too, before anything older is deleted
     return target
 
 
-def save_graph(graph, path: Path) -> None:
-    """Write the HNSW graph from a forked child, a copy-on-write image of this process.
+def _write_data_files(graph, tables: dict, target: Path) -> dict:
+    """The graph, a copy of each table's live file (whole: writes are held out, each one committed),
+    each fsynced; their sizes and CRC-32s."""
+    graph.dump(target / 'hnsw.bin')
+    for name, table in tables.items():
+        shutil.copyfile(table._conn_name, target / name)
+    for name in FILES:
+        fsync_file(target / name)
+    return {name: _size_and_crc(target / name) for name in FILES}
+
+
+def _size_and_crc(path: Path) -> dict:
+    return {'size': path.stat().st_size, 'crc32': _crc32(path)}
+
+
+def run_in_child(work: Callable[[], dict], what: str) -> dict:
+    """``work()`` in a forked child, a copy-on-write image of this process; its JSON answer.
 
     hnswlib's ``save_index`` holds the GIL for the whole write (a gigabyte at 500k float documents),
-    so every search of the shard would wait for it. The child sees the graph as it was at the fork
-    and writes it while the parent goes on answering; the shard's write lock keeps writes out
-    meanwhile. The child runs nothing of the parent's (no atexit, no destructors): it leaves by ``_exit``.
+    and copying and checksumming the files takes the GIL back at every chunk, each time for up to
+    Python's switch interval: in the shard's own process every search waited behind them. The child
+    sees the graph and the tables as they were at the fork (the write lock keeps writes out) while
+    the parent goes on answering. It runs nothing of the parent's: it leaves by ``_exit``.
     """
+    readable, writable = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(readable)
         status = 1
         try:
-            graph.dump(path)
+            os.write(writable, json.dumps(work()).encode())
             status = 0
         except BaseException:  # noqa: BLE001 - said on stderr, and by the exit status to the parent
             traceback.print_exc()
         finally:
             os._exit(status)
+    os.close(writable)
+    with os.fdopen(readable, 'rb') as answer:
+        data = answer.read()
     _, status = os.waitpid(pid, 0)
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
-        raise SnapshotError(f'the process writing {path} exited with {code}')
+        raise SnapshotError(f'the process {what} exited with {code}')
+    return json.loads(data)
 
 
 def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
