@@ -40,6 +40,7 @@ from common import DIM, HNSW, LIMIT, clustered_vectors, exact_top_k, median, per
 
 BENCH = Path(__file__).resolve().parent
 CHUNK = 100_000  # corpus rows generated at a time, and indexed between two records of a run's progress
+MILESTONE = 1_000_000  # rows between two measures of memory and disk while indexing
 
 
 def log(message: str) -> None:
@@ -384,7 +385,7 @@ def run_flow(data: Path, work: Path, shards: int, pq: int | None = None) -> dict
             result['memory_empty'] = memory_kinds(service)
             progress.save()
             log(f'empty service: {sum(result["rss_empty_mib"].values())} MiB {result["rss_empty_mib"]}')
-        seconds = index_resumably(service, corpus, progress)
+        seconds = index_resumably(service, corpus, progress, workspace)
         result['index_docs_per_s'] = n / seconds
         log(f'indexed {n} in {seconds:.0f} s: {n / seconds:.0f} docs/s')
         found, latencies = asyncio.run(search_rows(service.address, queries))
@@ -441,7 +442,7 @@ class Progress:
         os.replace(temporary, self.path)
 
 
-def index_resumably(service, corpus: Corpus, progress: Progress) -> float:
+def index_resumably(service, corpus: Corpus, progress: Progress, workspace: Path) -> float:
     """Index the corpus a chunk at a time, recording after each chunk the rows done and the seconds spent;
     returns the seconds indexing took in all. After a cut, the chunk that was under way is looked up
     first (``/status`` lookup) and only its missing rows are sent: an id is never indexed twice."""
@@ -457,9 +458,25 @@ def index_resumably(service, corpus: Corpus, progress: Progress) -> float:
         progress.save()
         done['index_seconds'] += asyncio.run(index_rows(service.address, rows))
         done['rows_indexed'] = first + len(vectors)
+        if done['rows_indexed'] % MILESTONE == 0 and done['rows_indexed'] < len(corpus):
+            done.setdefault('milestones', []).append(milestone(service, done, workspace))
         progress.save()
         log(f'{done["rows_indexed"]} rows indexed, {done["rows_indexed"] / done["index_seconds"]:.0f} docs/s')
     return done['index_seconds']
+
+
+def milestone(service, done: dict, workspace: Path) -> dict:
+    """Memory, disk and rate on the way (every ``MILESTONE`` rows): a 10M run's 5M figures."""
+    figures = {
+        'rows': done['rows_indexed'],
+        'index_docs_per_s': round(done['rows_indexed'] / done['index_seconds']),
+        'memory': memory_kinds(service),
+        'workspace_disk_mib': disk_mib(workspace),
+    }
+    empty = done['memory_empty']['anon_mib']
+    figures['anon_bytes_per_doc_above_empty'] = round((figures['memory']['anon_mib'] - empty) * 2**20 / done['rows_indexed'])
+    log(f'milestone: {figures}')
+    return figures
 
 
 def kill9_check(service, corpus, queries, n: int) -> dict:
