@@ -92,9 +92,10 @@ def exact_top_k_streamed(queries: np.ndarray, corpus: Corpus, k: int) -> np.ndar
     best_ids = np.empty((len(queries), 0), dtype=np.int64)
     best = np.empty((len(queries), 0), dtype=np.float32)
     for first, rows in corpus.chunks():
-        top = exact_top_k(queries, rows, k) + first
-        sims = np.concatenate([best, np.take_along_axis(queries @ rows.T, top - first, axis=1)], axis=1)
-        ids = np.concatenate([best_ids, top], axis=1)
+        chunk = queries @ rows.T  # the chunk's similarities, once
+        top = np.argpartition(-chunk, k, axis=1)[:, :k]
+        sims = np.concatenate([best, np.take_along_axis(chunk, top, axis=1)], axis=1)
+        ids = np.concatenate([best_ids, top + first], axis=1)
         order = np.argsort(-sims, axis=1, kind='stable')[:, :k]
         best, best_ids = np.take_along_axis(sims, order, axis=1), np.take_along_axis(ids, order, axis=1)
     return best_ids
