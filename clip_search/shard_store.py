@@ -32,7 +32,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from clip_search import faults, journal, slot_reuse
+from clip_search import faults, journal
 
 SNAPSHOT = 'snapshot-'
 JOURNAL = 'journal-'
@@ -123,7 +123,6 @@ def open_index(**annlite_kwargs):
             setattr(annlite.container, name, cls)
     single_threaded(index)
     _drop_time_index(index)
-    index.free_slots = slot_reuse.attach(index)  # inserts take the graph slots of deleted documents
     return index
 
 
@@ -167,8 +166,10 @@ def _drop_time_index(index) -> None:
 
 
 def unreclaimed_slots(index) -> int:
-    """Graph nodes of deleted documents that no insert has reused yet (clip_search.slot_reuse)."""
-    return len(index.free_slots)
+    """Graph nodes of deleted or replaced documents: annlite's delete only marks them, and nothing reuses
+    them (hnswlib's in-place update of a deleted node, its ``replace_deleted``, lost live documents
+    from search here: tests/test_updates.py)."""
+    return int(index.vec_index(0)._index.element_count) - indexed_count(index)
 
 
 def indexed_count(index) -> int:
@@ -334,7 +335,6 @@ def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:
     index.cell_table(0).load(source / 'cells.db')
     index.meta_table.load(source / 'meta.db')
     _drop_time_index(index)
-    index.free_slots.recompute()
     return generation, int(manifest['documents'])
 
 
