@@ -24,8 +24,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from common import DIM, clustered_vectors, scratch_dir
 
 BATCH = 1000

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import DIM, HNSW, LIMIT, clustered_vectors, exact_top_k, median, percentile, recall_at_k, rss_mib, scratch_dir
+from common import DIM, HNSW, LIMIT, clustered_vectors, median, percentile, recall_at_k, rss_mib, scratch_dir
 
 BENCH = Path(__file__).resolve().parent
 CHUNK = 100_000  # corpus rows generated at a time, and indexed between two records of a run's progress
