@@ -90,11 +90,9 @@ class Compression:
         self.train_size = pq_train_size
         self.rerank_factor = rerank_factor
         self.vectors = VectorFile(folder, n_dim)
-        self._graph_lock = threading.Lock()  # annlite attaches one query's tables to the space: one call at a time
 
-    def attach(self, index) -> None:
+    def attach(self, graph) -> None:
         """Every insert into the graph (index, replay, rebuild) also writes the float vector file."""
-        graph = index.vec_index(0)
         add_float = graph.add_with_ids
 
         def add_with_ids(x: np.ndarray, ids) -> None:
@@ -104,7 +102,7 @@ class Compression:
             if graph.pq_codec is None:
                 add_float(unit, offsets)
             else:
-                self._add_codes(graph, unit, offsets)
+                self.add_codes(graph, unit, offsets)
 
         graph.add_with_ids = add_with_ids
 
@@ -125,7 +123,7 @@ class Compression:
         codec = train_codec(unit[: self.train_size], self.n_subvectors)
         self.install(index, codec)
         for start in range(0, len(offsets), INSERT_CHUNK):
-            self._add_codes(index.vec_index(0), unit[start : start + INSERT_CHUNK], offsets[start : start + INSERT_CHUNK])
+            self.add_codes(index.vec_index(0), unit[start : start + INSERT_CHUNK], offsets[start : start + INSERT_CHUNK])
         return (
             f'trained the PQ codec ({self.n_subvectors} sub-vectors) on {self.train_size} documents and moved '
             f'{len(offsets)} into the PQ graph in {time.monotonic() - started:.1f} s'
@@ -160,7 +158,7 @@ class Compression:
         candidates = min(k * self.rerank_factor, index.total_docs)
         unit = unit_rows(queries)
         codes, tables = codes_and_tables(graph.pq_codec, unit)
-        with self._graph_lock:
+        with graph_lock(graph):
             graph._index.set_ef(max(graph.ef_search, candidates))
             offsets, _ = graph._index.knn_query(codes, k=candidates, num_threads=1, dtables=tables)
         offsets = offsets.astype(np.int64)
@@ -187,18 +185,25 @@ class Compression:
                 match.scores['cosine'].value = float(distance)
             doc.matches = matches
 
-    def _add_codes(self, graph, unit: np.ndarray, offsets: np.ndarray) -> None:
+    def add_codes(self, graph, unit: np.ndarray, offsets: np.ndarray) -> None:
+        """Insert unit vectors into a graph over PQ codes, at ``offsets``."""
         needed = int(offsets.max()) + 1
         if needed > graph.capacity:
             steps = -(-needed // graph.expand_step_size)
             graph._expand_capacity(steps * graph.expand_step_size)
         for start in range(0, len(offsets), INSERT_CHUNK):
             codes, tables = codes_and_tables(graph.pq_codec, unit[start : start + INSERT_CHUNK])
-            with self._graph_lock:
+            with graph_lock(graph):
                 graph._index.add_items(codes, ids=offsets[start : start + INSERT_CHUNK], dtables=tables)
 
     def close(self) -> None:
         self.vectors.close()
+
+
+def graph_lock(graph) -> threading.Lock:
+    """The lock of one graph over PQ codes: annlite attaches one call's distance tables to its space,
+    so one call at a time (a graph being built beside it by a compaction has its own)."""
+    return graph.__dict__.setdefault('_clip_search_lock', threading.Lock())
 
 
 def load_graph(graph, graph_file, codec_file) -> None:

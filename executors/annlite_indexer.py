@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+import threadpoolctl
 from docarray import Document, DocumentArray
 from docarray.array.memory import DocumentArrayInMemory
 from jina import Executor, requests
 
-from clip_search import allocator, shard_store  # annlite itself is imported late, inside shard_store
+from clip_search import allocator, compaction, shard_store  # annlite itself is imported late, inside shard_store
 from clip_search.exact_search import exact_search
 from clip_search.params import (
     DEFAULT_LIMIT,
@@ -72,6 +73,7 @@ class AnnLiteIndexer(Executor):
         pq_train_size: int = 20000,
         rerank_factor: int = 10,
         max_candidates: int = MAX_LIMIT,
+        compact_deleted: Optional[float] = 0.25,
         *args,
         **kwargs,
     ):
@@ -100,15 +102,23 @@ class AnnLiteIndexer(Executor):
             candidates, re-scored with their float vectors
         :param max_candidates: with n_subvectors, the most candidates a query may ask of the graph
             (``limit x rerank_factor``); a larger limit is refused
+        :param compact_deleted: once the graph's deleted nodes (left by deletes and updates) exceed this
+            share of its documents, build a new graph of the live ones in the background and swap it in
+            (``clip_search.compaction``); null never compacts
         """
         super().__init__(*args, **kwargs)
         allocator.return_large_blocks_to_os()  # this process is the shard's: its freed request buffers leave
+        # one BLAS thread, as one HNSW thread: OpenBLAS's own threads hung here when a compaction's
+        # matrix products (PQ codes) met a write's in another thread (tests/test_compaction.py)
+        threadpoolctl.threadpool_limits(1, user_api='blas')
         if not n_dim:
             raise ValueError(
                 'AnnLiteIndexer needs n_dim: start the Flow with `python -m clip_search`, '
                 'which sets it from the model, or set uses_with.n_dim to the model embedding size'
             )
         check_compression(int(n_dim), n_subvectors, pq_train_size, rerank_factor)
+        compaction.check_setting(compact_deleted)
+        self.compact_deleted = compact_deleted
         self.shard_id = int(getattr(self.runtime_args, 'shard_id', 0) or 0)
         self.shards = int(getattr(self.runtime_args, 'shards', 1) or 1)
         self.default_limit = limit
@@ -143,7 +153,7 @@ class AnnLiteIndexer(Executor):
         self._compression: Optional[Compression] = None
         if n_subvectors:
             self._compression = Compression(self._data_path, int(n_dim), n_subvectors, pq_train_size, rerank_factor)
-            self._compression.attach(self._index)
+            self._compression.attach(self._index.vec_index(0))
         self._write_lock = threading.Lock()  # one write or snapshot at a time, journal order = store order
         self._loaded = threading.Event()
         self._load_error: Optional[str] = None
@@ -151,6 +161,7 @@ class AnnLiteIndexer(Executor):
         self._journal = None
         self._unfinished_replaces = True  # replace journals may be left by a crash: look before the first write
         self._snapshotting = threading.Event()  # a background snapshot is running
+        self._compacting = threading.Event()  # a background compaction of the graph is running
         self._snapshot_failed = False  # the last snapshot failed: the next write starts another
         self._store_lock = threading.Lock()  # held by a tidy of the document store, which close waits for
         self._closed = False
@@ -327,6 +338,80 @@ class AnnLiteIndexer(Executor):
             if (due or self._snapshot_failed) and not self._snapshotting.is_set():
                 self._snapshotting.set()
                 threading.Thread(target=self._snapshot_in_background, name=f'shard-{self.shard_id}-snapshot', daemon=True).start()
+            if self._compaction_due() and not self._compacting.is_set():
+                self._compacting.set()
+                threading.Thread(target=self._compact_in_background, name=f'shard-{self.shard_id}-compaction', daemon=True).start()
+
+    def _compaction_due(self) -> bool:
+        """Deleted graph nodes above ``compact_deleted`` of the documents (a compressed shard: once trained,
+        as its float graph is replaced by training anyway)."""
+        if self._compression and not self._compression.trained(self._index):
+            return False
+        return compaction.is_due(self._index, self.compact_deleted)
+
+    def _compact_in_background(self) -> None:
+        """Compact the graph, again while the writes made meanwhile leave it past the share; a failure
+        is logged in one line, and the next write past the share tries again."""
+        try:
+            while self._compact_once():
+                pass
+        except Exception as exc:  # noqa: BLE001 - the old graph still answers
+            if not self._closed:
+                self.logger.error(f'shard {self.shard_id}: compacting the graph failed: {exc!r}')
+        finally:
+            self._compacting.clear()
+
+    def _compact_once(self) -> bool:
+        """Build a graph of the live documents beside the shard's, catch it up with the writes made
+        meanwhile, swap it in under the write lock and snapshot it; searches and writes go on meanwhile.
+        Returns whether another compaction is due already."""
+        started = time.monotonic()
+        rebuild = compaction.Rebuild(
+            self._index,
+            self._write_lock,
+            float_vectors=self._compression.vectors.read if self._compression else None,
+            add_codes=self._compression.add_codes if self._compression else None,
+        )
+        built, caught_up = rebuild.build(stopped=lambda: self._closed), 0
+        for _ in range(compaction.CATCH_UP_ROUNDS):
+            changed = 0 if self._closed else rebuild.catch_up()
+            caught_up += changed
+            if not changed:
+                break
+        with self._write_lock:
+            if self._closed:
+                return False
+            nodes = int(rebuild.old._index.element_count)
+            caught_up += rebuild.catch_up(under_lock=True)
+            if self._compression:
+                self._compression.attach(rebuild.new)
+            rebuild.swap_in()
+            self._try_snapshot('snapshot after compaction')  # a restart loads the compacted graph
+            again = self._compaction_due()
+        self.logger.info(
+            f'shard {self.shard_id}: compacted the graph from {nodes} nodes to {len(rebuild.present)} '
+            f'({built} built, {caught_up} changed meanwhile) in {time.monotonic() - started:.1f} s'
+        )
+        return again
+
+    def _try_snapshot(self, what: str) -> None:
+        """Snapshot (under the write lock); a failure is logged in one line and retried after the next
+        write, failing no write: the journal and the store still hold every write since the last one."""
+        try:
+            self._snapshot()
+            self._snapshot_failed = False
+        except Exception as exc:  # noqa: BLE001 - a full disk, say
+            self._snapshot_failed = True
+            self.logger.error(f'shard {self.shard_id}: {what} failed, retried after the next write: {exc!r}')
+
+    def wait_idle(self, timeout: float = 60) -> bool:
+        """Block until no background snapshot or compaction runs (True) or ``timeout`` seconds passed."""
+        deadline = time.monotonic() + timeout
+        while self._snapshotting.is_set() or self._compacting.is_set():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def _snapshot_in_background(self) -> None:
         """Snapshot from a consistent point, off the request: the write lock holds writes back meanwhile,
@@ -336,12 +421,7 @@ class AnnLiteIndexer(Executor):
             with self._write_lock:
                 if self._closed or not (self._journal.changes or self._snapshot_failed):
                     return
-                try:
-                    self._snapshot()
-                    self._snapshot_failed = False
-                except Exception as exc:  # noqa: BLE001 - a full disk, say: the journal still has every write
-                    self._snapshot_failed = True
-                    self.logger.error(f'shard {self.shard_id}: snapshot failed, retried after the next write: {exc!r}')
+                self._try_snapshot('snapshot')
             self._tidy_store()
         finally:
             self._snapshotting.clear()
