@@ -4,15 +4,16 @@ snapshot. Unset, each step costs one dictionary lookup.
 
 Steps, in the order a write reaches them: ``after-journal`` (the ids journalled and fsynced),
 ``after-graph`` (annlite's graph and tables changed, its document store not yet), ``after-store``
-(the store written, the request not yet answered); and ``mid-snapshot`` (the graph dumped, the
-tables and the manifest not yet).
+(the store written, the request not yet answered); ``mid-snapshot`` (the graph dumped, the
+tables and the manifest not yet); and ``mid-compaction`` (a compacted graph swapped in, its
+snapshot not yet taken).
 """
 
 from __future__ import annotations
 
 import os
 
-STEPS = ('after-journal', 'after-graph', 'after-store', 'mid-snapshot')
+STEPS = ('after-journal', 'after-graph', 'after-store', 'mid-snapshot', 'mid-compaction')
 ENVIRONMENT = 'CLIP_SEARCH_FAULT'
 EXIT_CODE = 70
 

@@ -23,7 +23,7 @@ from docarray import Document, DocumentArray
 from docarray.array.memory import DocumentArrayInMemory
 from jina import Executor, requests
 
-from clip_search import allocator, compaction, shard_store  # annlite itself is imported late, inside shard_store
+from clip_search import allocator, compaction, faults, shard_store  # annlite itself is imported late, inside shard_store
 from clip_search.exact_search import exact_search
 from clip_search.params import (
     DEFAULT_LIMIT,
@@ -386,6 +386,7 @@ class AnnLiteIndexer(Executor):
             if self._compression:
                 self._compression.attach(rebuild.new)
             rebuild.swap_in()
+            faults.reach('mid-compaction')
             self._try_snapshot('snapshot after compaction')  # a restart loads the compacted graph
             again = self._compaction_due()
         self.logger.info(

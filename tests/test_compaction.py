@@ -6,18 +6,22 @@ compacted graph."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from docarray import Document, DocumentArray
 
-from clip_search import compaction
+from clip_search import compaction, faults
 from clip_search.executors.annlite_indexer import AnnLiteIndexer
 
 DIM = 16
-LOADED = r'loaded snapshot-\d+ \(\d+ documents\) and replayed 0 changed ids'
+LOADED = r'loaded snapshot-\d+ \(\d+ documents\) and replayed {} changed ids'
 FLOAT, COMPRESSED = {}, {'n_subvectors': 4, 'pq_train_size': 256}
 
 
@@ -79,7 +83,7 @@ def test_deletes_past_the_share_compact_the_graph_and_a_restart_loads_the_compac
     shard.close()
 
     shard = open_shard(tmp_path, **settings)
-    assert re.fullmatch(LOADED, shard.loaded_how), shard.loaded_how  # the compacted graph's snapshot
+    assert re.fullmatch(LOADED.format(0), shard.loaded_how), shard.loaded_how  # the compacted graph's snapshot
     assert (status(shard), graph_nodes(shard)) == ((len(live), 0), len(live))
     assert found_by_own_embedding(shard, live) == all_found(live)
     shard.close()
@@ -196,4 +200,42 @@ def test_without_compaction_the_deleted_nodes_stay(tmp_path):
     shard.delete(deleted([f'd{i}' for i in range(90)]), parameters={})
     assert shard.wait_idle(60)
     assert (status(shard), graph_nodes(shard)) == ((10, 90), 100)
+    shard.close()
+
+
+# the deletes past the share start a compaction, which the fault step ends after the swap, before its snapshot
+CHILD = """
+import sys
+from docarray import Document, DocumentArray
+sys.path.insert(0, {tests!r})
+from test_compaction import open_shard, deleted
+shard = open_shard({workspace!r}, **{settings!r})
+shard.delete(deleted([f'd{{i}}' for i in range({gone})]), parameters={{}})
+print('acknowledged', flush=True)
+shard.wait_idle(60)
+"""
+
+
+@pytest.mark.parametrize('settings, n', [(FLOAT, 100), (COMPRESSED, 400)], ids=['float', 'pq'])
+def test_a_shard_killed_after_the_swap_of_a_compacted_graph_restarts_with_the_acknowledged_state(tmp_path, settings, n):
+    shard = open_shard(tmp_path, **settings)
+    everything = docs([f'd{i}' for i in range(n)], seed=1)
+    shard.index(copied(everything))
+    shard.close()  # a snapshot of all n
+    gone = n * 3 // 10
+    child = CHILD.format(tests=str(Path(__file__).parent), workspace=str(tmp_path), settings=settings, gone=gone)
+    result = subprocess.run([sys.executable, '-c', child], env={**os.environ, faults.ENVIRONMENT: 'mid-compaction'},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert (result.returncode, result.stdout.splitlines()[-1:]) == (faults.EXIT_CODE, ['acknowledged']), result.stderr[-2000:]
+
+    shard = open_shard(tmp_path, **settings)  # the snapshot before the compaction and the journal of the deletes
+    assert re.fullmatch(LOADED.format(gone), shard.loaded_how), shard.loaded_how
+    live = everything[gone:]
+    assert status(shard) == (len(live), gone)
+    assert found_by_own_embedding(shard, live) == all_found(live)
+    assert ids_answering(shard, everything[:gone], limit=5) & set(everything[:gone][:, 'id']) == set()
+    shard.delete(deleted([live[0].id]), parameters={})  # still past the share: this write compacts
+    assert shard.wait_idle(60)
+    assert (status(shard), graph_nodes(shard)) == ((len(live) - 1, 0), len(live) - 1)
+    assert found_by_own_embedding(shard, live[1:]) == all_found(live[1:])
     shard.close()
