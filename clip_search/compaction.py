@@ -46,8 +46,8 @@ def is_due(index, compact_deleted: Optional[float]) -> bool:
 def live_offsets(index) -> np.ndarray:
     """The offsets of every indexed document (annlite's offset table)."""
     table = index.cell_table(0)
-    rows = table._conn.execute(f'SELECT _id - 1 FROM {table.name}').fetchall()
-    return np.fromiter((row[0] for row in rows), dtype=np.int64, count=len(rows))
+    rows = table._conn.execute(f'SELECT _id - 1 FROM {table.name} ORDER BY _id')
+    return np.fromiter((row[0] for row in rows), dtype=np.int64)  # streamed: no list of a million tuples
 
 
 class Rebuild:
@@ -69,7 +69,7 @@ class Rebuild:
         self.index = index
         self.old = index.vec_index(0)
         self.new = empty_graph_like(self.old)
-        self.present: set[int] = set()  # the labels of the new graph's live nodes
+        self.present = np.empty(0, dtype=np.int64)  # the labels of the new graph's live nodes, sorted
         self._write_lock = write_lock
         self._float_vectors = float_vectors
         self._add_codes = add_codes
@@ -78,11 +78,13 @@ class Rebuild:
         """Add the documents indexed now; returns how many (``stopped()`` ends it early: the shard closes)."""
         with self._write_lock:
             offsets = live_offsets(self.index)
+        added = []
         for start in range(0, len(offsets), ADD_CHUNK):
             if stopped():
                 return 0
-            self._add(offsets[start : start + ADD_CHUNK])
-        return len(offsets)
+            added.append(self._add(offsets[start : start + ADD_CHUNK]))
+        self.present = np.sort(np.concatenate([self.present, *added]))
+        return len(self.present)
 
     def catch_up(self, under_lock: bool = False) -> int:
         """Apply the writes made since the build (or the last catch-up); returns the changed offsets.
@@ -91,18 +93,17 @@ class Rebuild:
         without it; ``under_lock``: the caller holds it, and the new graph is then exactly current.
         """
         if under_lock:
-            live = set(live_offsets(self.index).tolist())
+            live = live_offsets(self.index)
         else:
             with self._write_lock:
-                live = set(live_offsets(self.index).tolist())
-        added = np.array(sorted(live - self.present), dtype=np.int64)
-        removed = self.present - live
-        for offset in removed:
-            self.new._index.mark_deleted(int(offset))
-        self.present -= removed
-        for start in range(0, len(added), ADD_CHUNK):
-            self._add(added[start : start + ADD_CHUNK], locked=under_lock)
-        return len(added) + len(removed)
+                live = live_offsets(self.index)
+        new = np.setdiff1d(live, self.present, assume_unique=True)
+        removed = np.setdiff1d(self.present, live, assume_unique=True)
+        for offset in removed.tolist():
+            self.new._index.mark_deleted(offset)
+        added = [self._add(new[start : start + ADD_CHUNK], locked=under_lock) for start in range(0, len(new), ADD_CHUNK)]
+        self.present = np.union1d(np.setdiff1d(self.present, removed, assume_unique=True), np.concatenate([self.present[:0], *added]))
+        return len(new) + len(removed)
 
     def swap_in(self) -> None:
         """Put the new graph in the old one's place (the caller holds the write lock). A search that
@@ -110,16 +111,17 @@ class Rebuild:
         self.index._vec_indexes[0] = self.new
         self.old.__dict__.pop('add_with_ids', None)  # the shard's wrapper on it refers back to it: no cycle
 
-    def _add(self, offsets: np.ndarray, locked: bool = False) -> None:
-        if not len(offsets):
-            return
+    def _add(self, offsets: np.ndarray, locked: bool = False) -> np.ndarray:
+        """Insert the documents at ``offsets`` into the new graph; returns the offsets inserted."""
         if self._float_vectors is not None:  # a graph over PQ codes: the vector file has every row
-            self._add_codes(self.new, self._float_vectors(offsets), offsets)
-        else:
-            unit, offsets = self._read_old_graph(offsets, locked)
+            if len(offsets):
+                self._add_codes(self.new, self._float_vectors(offsets), offsets)
+            return offsets
+        unit, offsets = self._read_old_graph(offsets, locked)
+        if len(offsets):
             grow_for(self.new, len(offsets))
             self.new._index.add_items(unit, ids=offsets, dtables=None)
-        self.present.update(offsets.tolist())
+        return offsets
 
     def _read_old_graph(self, offsets: np.ndarray, locked: bool) -> tuple[np.ndarray, np.ndarray]:
         """The old graph's (unit) vectors of ``offsets``, skipping any deleted meanwhile (the next
