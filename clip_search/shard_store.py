@@ -5,6 +5,8 @@ journal of the ids each write touched since the last snapshot.
 annlite's document store (RocksDB, written with ``sync=True``) stays the truth. A start loads the
 newest snapshot and re-reads from the store only the ids the journal names; it rebuilds everything
 from the store when the snapshot is missing, damaged (size or CRC-32) or built with other settings.
+It takes the store's count from the index it loaded and counts the store afterwards, in the
+background; should they disagree, the next start rebuilds.
 
 Layout of a shard's folder::
 
@@ -15,6 +17,7 @@ Layout of a shard's folder::
     vectors.f32     with n_subvectors: the float vectors by offset (clip_search.vector_file), fsynced per write
     journal-<g>.rec one record per write: {"op": "put"|"del", "ids": [...]}, framed by length and CRC-32
                     (clip_search/journal.py), fsynced before the write; a torn tail is cut at open
+    rebuild-at-start only when a start's count of the store disagreed with the index (``ask_rebuild``)
 
 A snapshot ``snapshot-<g>`` holds every write journalled before generation ``g``; the journals
 ``g, g+1, ...`` hold what came after it.
@@ -41,6 +44,7 @@ LEGACY_JOURNAL_SUFFIX = '.log'  # JSON lines, written before records were framed
 FILES = {'hnsw.bin': 'the HNSW graph', 'cells.db': 'the offset table', 'meta.db': 'the id table'}
 CODEC = {'pq_codec.params': 'the PQ codec'}  # in the snapshot of a graph over PQ codes (clip_search.pq)
 MANIFEST = 'manifest.json'
+REBUILD_ASKED = 'rebuild-at-start'  # the store and the index disagreed: the next start rebuilds (``ask_rebuild``)
 # RocksDB memory per shard: annlite opens its store with a 256 MB memtable and a 1 GB block cache
 # (optimize_for_point_lookup), which a full read at start fills; the graph lives in HNSW, the store
 # only answers the matches' multi-get, so small buffers cost nothing measurable (bench/scale.py).
@@ -71,11 +75,12 @@ def open_index(**annlite_kwargs):
     from annlite import AnnLite
     from annlite.storage.kv import DocStorage
     from annlite.storage.table import CellTable, MetaTable
-    from rocksdict import BlockBasedOptions, Cache, Options, ReadOptions, Rdict
+    from rocksdict import BlockBasedOptions, Cache, Options, Rdict
 
     class LeanDocStorage(DocStorage):
         def insert(self, docs):  # annlite writes the graph and tables first, then the store
             faults.reach('after-graph')
+            len(self)  # annlite's insert adds to the count
             super().insert(docs)
             faults.reach('after-store')
 
@@ -90,10 +95,17 @@ def open_index(**annlite_kwargs):
             options.set_block_based_table_factory(table)
             options.create_if_missing(create_if_missing)
             self._db = Rdict(path=self._path, options=options)
-            read = ReadOptions()
-            read.fill_cache(False)  # counting the keys must not pull every block into the cache
-            self._size = sum(1 for _ in self._db.keys(read_opt=read))
+            self._size = None  # counted when first asked: a start takes the count from its snapshot
             self._is_closed = False
+
+        def __len__(self) -> int:
+            if self._size is None:
+                self._size = count_keys(self._db.iter(read_only_scan()))
+            return self._size
+
+        def delete(self, doc_ids):
+            len(self)  # annlite's delete subtracts from the count
+            super().delete(doc_ids)
 
     tables = _empty_folder(Path(annlite_kwargs['data_path']) / LIVE_TABLES)  # a start fills them again
 
@@ -124,6 +136,56 @@ def open_index(**annlite_kwargs):
     single_threaded(index)
     _drop_time_index(index)
     return index
+
+
+def read_only_scan():
+    """RocksDB read options for a scan of every key: no block of it kept in the cache."""
+    from rocksdict import ReadOptions
+
+    read = ReadOptions()
+    read.fill_cache(False)
+    return read
+
+
+def count_keys(iterator) -> int:
+    """The keys from a RocksDB iterator's place to the end (it sees the store as it was when made)."""
+    count = 0
+    iterator.seek_to_first()
+    while iterator.valid():
+        count += 1
+        iterator.next()
+    return count
+
+
+def store_is_empty(index) -> bool:
+    """Whether the document store holds no document, without counting them."""
+    iterator = index.doc_store(0)._db.iter(read_only_scan())
+    iterator.seek_to_first()
+    return not iterator.valid()
+
+
+def trust_count(index, documents: int) -> None:
+    """Take ``documents`` as the store's count: counting 2.5M keys took 17 s of a start (bench/scale.py at 5M),
+    and after a snapshot and its journal the index holds exactly what the store does (``verify_count`` checks)."""
+    index.doc_store(0)._size = documents
+
+
+def ask_rebuild(folder: Path, why: str) -> None:
+    """Have the next start rebuild the index from the store instead of loading a snapshot."""
+    write_atomically(folder / REBUILD_ASKED, why.encode())
+
+
+def check_no_rebuild_asked(folder: Path) -> None:
+    """Raise SnapshotError, naming why, when a rebuild was asked (``ask_rebuild``)."""
+    path = folder / REBUILD_ASKED
+    if path.exists():
+        raise SnapshotError(f'asked by the last start: {path.read_text(errors="replace")}')
+
+
+def forget_rebuild_asked(folder: Path) -> None:
+    """After a start's rebuild (and its snapshot): the ask is done."""
+    if (folder / REBUILD_ASKED).exists():
+        remove_durably(folder / REBUILD_ASKED)
 
 
 def _empty_folder(folder: Path) -> Path:

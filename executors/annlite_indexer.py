@@ -165,10 +165,10 @@ class AnnLiteIndexer(Executor):
         self._snapshot_failed = False  # the last snapshot failed: the next write starts another
         self._store_lock = threading.Lock()  # held by a tidy of the document store, which close waits for
         self._closed = False
-        if self._index.total_docs == 0:
+        if shard_store.store_is_empty(self._index):
             self._start_empty()
         else:
-            self.logger.info(f'shard {self.shard_id}/{self.shards}: loading {self._index.total_docs} documents')
+            self.logger.info(f'shard {self.shard_id}/{self.shards}: loading its index')
             threading.Thread(target=self._load, name=f'shard-{self.shard_id}-loading', daemon=True).start()
 
     def wait_loaded(self, timeout: Optional[float] = None) -> bool:
@@ -277,32 +277,50 @@ class AnnLiteIndexer(Executor):
         folder, started = self._data_path, time.monotonic()
         try:
             try:
+                shard_store.check_no_rebuild_asked(folder)
                 generation, documents = shard_store.load_snapshot(self._index, folder, self._snapshot_settings)
                 replayed = shard_store.replay(self._index, shard_store.journalled_ids(folder, generation))
-                indexed, stored = shard_store.indexed_count(self._index), self._index.total_docs
-                if indexed != stored:
-                    raise shard_store.SnapshotError(
-                        f'snapshot-{generation} and its journal index {indexed} documents, the store holds {stored}'
-                    )
+                shard_store.trust_count(self._index, shard_store.indexed_count(self._index))
+                verify = generation
                 path = f'loaded snapshot-{generation} ({documents} documents) and replayed {replayed} changed ids'
             except Exception as exc:  # noqa: BLE001 - any unusable snapshot: the store still has everything
                 shard_store.reset(self._index)
                 if self._compression:  # a new codec from the stored documents (the snapshot's may be the damage)
                     self._compression.train_from_store(self._index)
                 path = f'rebuilt {shard_store.rebuild(self._index)} documents from the document store ({exc})'
-                replayed = 1
+                replayed, verify = 1, None
             seen = [*shard_store.generations(folder, shard_store.JOURNAL), *shard_store.generations(folder, shard_store.SNAPSHOT)]
             self._journal = shard_store.Journal(folder, max(seen, default=0))
             if self._compress_when_ready() or replayed:  # the next start loads this one, not replaying again
                 self._snapshot()
             self._restore_after_crash()
+            shard_store.forget_rebuild_asked(folder)
             self.loaded_how = path
             self._loaded.set()
             seconds = time.monotonic() - started
             self.logger.info(f'shard {self.shard_id}/{self.shards}: {path} in {seconds:.1f} s; searchable')
+            if verify is not None:
+                threading.Thread(target=self._verify_count, name=f'shard-{self.shard_id}-verify', daemon=True).start()
         except Exception as exc:  # noqa: BLE001 - reported to every request instead of "loading" forever
             self._load_error = f'{type(exc).__name__}: {exc}'
             self.logger.error(f'shard {self.shard_id}/{self.shards}: loading failed: {self._load_error}')
+
+    def _verify_count(self) -> None:
+        """After a start from a snapshot, which took the index's count for the store's, count the store in
+        the background: the two must agree. If not (the store was changed behind the journal's back), log
+        it in one line and have the next start rebuild the index from the store."""
+        try:
+            with self._write_lock:  # the count and the store's view at one point
+                indexed = shard_store.indexed_count(self._index)
+                scan = self._index.doc_store(0)._db.iter(shard_store.read_only_scan())
+            stored = shard_store.count_keys(scan)
+            if stored != indexed:
+                why = f'the document store holds {stored} documents, the index {indexed}'
+                shard_store.ask_rebuild(self._data_path, why)
+                self.logger.error(f'shard {self.shard_id}: {why}: the next start rebuilds the index from the store')
+        except Exception as exc:  # noqa: BLE001 - a check that could not run changes nothing
+            if not self._closed:
+                self.logger.error(f'shard {self.shard_id}: counting the document store failed: {exc!r}')
 
     def _restore_after_crash(self) -> None:
         """Put back the old versions of the replaces that a crash cut short, journalled like any write."""
