@@ -3,8 +3,8 @@
     python bench/scale_settings.py --work /work/scale5m --pq 64 --set ef_search=800 --set ef_search=1600,rerank_factor=20
 
 For each ``--set`` (and the defaults first), the Flow is started again on the run's workspace with
-those settings under the indexer's ``uses_with``, waits until ``/status`` counts the documents,
-and searches the run's 1,000 queries one a request, as ``bench/scale.py`` does: recall@10 against
+those settings under the indexer's ``uses_with``, waits until ``/status`` counts the documents
+(``start_s``: a restart's time), and searches the run's 1,000 queries one a request, as ``bench/scale.py`` does: recall@10 against
 the run's exact answer, p50 and p99. The workspace is read, not written. Ids that are not corpus
 rows (the restart check's new documents) count as misses.
 """
@@ -60,12 +60,13 @@ def measure(work: Path, pq: int | None, settings: dict, queries: np.ndarray, tru
                             wait_searchable=False, ready_timeout=600, extra_args=extra)  # fmt: skip
     try:
         documents = json.loads((flow_dir / 'progress.json').read_text())['rows_indexed'] + 500  # + 1000 new - 500 deleted
-        wait_documents(service, documents, started)
+        start_s = wait_documents(service, documents, started)
         found, latencies = asyncio.run(search_rows(service.address, queries))
     finally:
         service.stop()
     return {
         'settings': settings or 'defaults',
+        'start_s': round(start_s, 1),
         'recall_at_10': recall_at_k(found, truth),
         'p50_ms': round(1000 * median(latencies), 1),
         'p99_ms': round(1000 * percentile(latencies, 99), 1),

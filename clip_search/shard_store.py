@@ -95,7 +95,7 @@ def open_index(**annlite_kwargs):
             options.set_block_based_table_factory(table)
             options.create_if_missing(create_if_missing)
             self._db = Rdict(path=self._path, options=options)
-            self._size = None  # counted when first asked: a start takes the count from its snapshot
+            self._size = 0  # annlite's constructor asks, to restore (the shard does that): counted lazily after it
             self._is_closed = False
 
         def __len__(self) -> int:
@@ -133,6 +133,7 @@ def open_index(**annlite_kwargs):
     finally:
         for name, cls in originals.items():
             setattr(annlite.container, name, cls)
+    index.doc_store(0)._size = None  # counted when first asked: a start takes the count from its snapshot
     single_threaded(index)
     _drop_time_index(index)
     return index
