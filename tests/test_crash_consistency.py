@@ -195,3 +195,23 @@ def test_a_store_changed_behind_the_journals_back_is_found_after_the_start_and_t
     assert stored_texts(shard) == {f'a{i}': f'acknowledged {i}' for i in range(10) if i != 3}
     shard.close()
     assert re.fullmatch(LOADED, open_shard(tmp_path).loaded_how)  # the ask is done
+
+
+def test_a_start_counts_the_store_only_in_the_background_after_loading(tmp_path, monkeypatch):
+    """annlite's constructor asks for the store's count (17 s at 2.5M documents); the shard answers it
+    without counting, loads, and only then counts, in the background check."""
+    import threading
+
+    shard = open_shard(tmp_path)
+    shard.index(DocumentArray(doc(f'a{i}', f'acknowledged {i}', i) for i in range(10)))
+    shard.close()
+    counted, count = [], shard_store.count_keys
+    monkeypatch.setattr(shard_store, 'count_keys', lambda scan: counted.append(threading.current_thread().name) or count(scan))
+    shard = open_shard(tmp_path)
+    for _ in range(500):
+        if counted:
+            break
+        time.sleep(0.01)
+    assert (shard.loaded_how, counted) == ('loaded snapshot-2 (10 documents) and replayed 0 changed ids', ['shard-0-verify'])
+    assert shard._index.total_docs == 10
+    shard.close()
