@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
-READ_CHUNK = 256  # float vectors read from the old graph per hold of the write lock (about 5 ms at 512-d)
+READ_CHUNK = 256  # float vectors read from the old graph per hold of the write lock: writes wait little
 ADD_CHUNK = 2048  # vectors added to the new graph per hnswlib call
 CATCH_UP_ROUNDS = 3  # catch-ups outside the write lock before the last one, under it
 

@@ -166,8 +166,9 @@ def store_is_empty(index) -> bool:
 
 
 def trust_count(index, documents: int) -> None:
-    """Take ``documents`` as the store's count: counting 2.5M keys took 17 s of a start (bench/scale.py at 5M),
-    and after a snapshot and its journal the index holds exactly what the store does (``verify_count`` checks)."""
+    """Take ``documents`` as the store's count, instead of counting every key before the shard can load
+    (README: restart at 5M): after a snapshot and its journal the index holds exactly the store's ids,
+    which the shard's background check (``_verify_count``) confirms."""
     index.doc_store(0)._size = documents
 
 

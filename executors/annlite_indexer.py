@@ -281,14 +281,14 @@ class AnnLiteIndexer(Executor):
                 generation, documents = shard_store.load_snapshot(self._index, folder, self._snapshot_settings)
                 replayed = shard_store.replay(self._index, shard_store.journalled_ids(folder, generation))
                 shard_store.trust_count(self._index, shard_store.indexed_count(self._index))
-                verify = generation
+                verify = True
                 path = f'loaded snapshot-{generation} ({documents} documents) and replayed {replayed} changed ids'
             except Exception as exc:  # noqa: BLE001 - any unusable snapshot: the store still has everything
                 shard_store.reset(self._index)
                 if self._compression:  # a new codec from the stored documents (the snapshot's may be the damage)
                     self._compression.train_from_store(self._index)
                 path = f'rebuilt {shard_store.rebuild(self._index)} documents from the document store ({exc})'
-                replayed, verify = 1, None
+                replayed, verify = 1, False
             seen = [*shard_store.generations(folder, shard_store.JOURNAL), *shard_store.generations(folder, shard_store.SNAPSHOT)]
             self._journal = shard_store.Journal(folder, max(seen, default=0))
             if self._compress_when_ready() or replayed:  # the next start loads this one, not replaying again
@@ -299,7 +299,7 @@ class AnnLiteIndexer(Executor):
             self._loaded.set()
             seconds = time.monotonic() - started
             self.logger.info(f'shard {self.shard_id}/{self.shards}: {path} in {seconds:.1f} s; searchable')
-            if verify is not None:
+            if verify:
                 threading.Thread(target=self._verify_count, name=f'shard-{self.shard_id}-verify', daemon=True).start()
         except Exception as exc:  # noqa: BLE001 - reported to every request instead of "loading" forever
             self._load_error = f'{type(exc).__name__}: {exc}'

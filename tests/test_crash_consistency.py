@@ -158,8 +158,8 @@ def test_annlites_tables_live_in_files_that_a_start_refills_from_the_snapshot(tm
 
 
 def test_a_store_changed_behind_the_journals_back_is_found_after_the_start_and_the_next_start_rebuilds(tmp_path, monkeypatch):
-    """A start takes the index's count from its snapshot and journal (counting 2.5M keys took 17 s),
-    then counts the store in the background: a document deleted from RocksDB directly is noticed,
+    """A start takes the index's count from its snapshot and journal (counting every key first slowed
+    a start of millions of documents), then counts the store in the background: a document deleted from RocksDB directly is noticed,
     logged in one line, and the next start rebuilds the index from the store."""
     from rocksdict import Options, Rdict
 
@@ -198,7 +198,7 @@ def test_a_store_changed_behind_the_journals_back_is_found_after_the_start_and_t
 
 
 def test_a_start_counts_the_store_only_in_the_background_after_loading(tmp_path, monkeypatch):
-    """annlite's constructor asks for the store's count (17 s at 2.5M documents); the shard answers it
+    """annlite's constructor asks for the store's count (a scan of every key); the shard answers it
     without counting, loads, and only then counts, in the background check."""
     import threading
 
