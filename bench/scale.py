@@ -354,10 +354,15 @@ async def search_rows(address: str, queries: np.ndarray) -> tuple[list, list[flo
     for query in [queries[0], *queries]:  # the first warms the channel up
         started = time.perf_counter()
         async for answer in client.post('/search', inputs=DocumentArray([Document(embedding=query)]), parameters={'limit': LIMIT}):
-            ids = [int(i[1:]) for i in answer[0].matches[:, 'id']]
+            ids = [corpus_row(i) for i in answer[0].matches[:, 'id']]
         latencies.append(time.perf_counter() - started)
         found.append(ids)
     return found[1:], latencies[1:]
+
+
+def corpus_row(doc_id: str) -> int:
+    """The corpus row of an id ``d<row>``; -1 for another (the restart check's new documents)."""
+    return int(doc_id[1:]) if doc_id[:1] == 'd' and doc_id[1:].isdigit() else -1
 
 
 def start(model_dir: Path, workspace: Path, shards: int, pq: int | None = None):

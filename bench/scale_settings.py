@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import LIMIT, median, percentile, recall_at_k
+from common import median, percentile, recall_at_k
 
 
 def parse_settings(text: str) -> dict:
@@ -31,26 +31,10 @@ def parse_settings(text: str) -> dict:
     return settings
 
 
-async def search_rows(address: str, queries: np.ndarray) -> tuple[list, list[float]]:
-    """Each query's top-10 corpus rows (-1 for another id) and its latency, one query a request."""
-    from docarray import Document, DocumentArray
-    from jina import Client
-
-    client = Client(host=address, asyncio=True)
-    latencies, found = [], []
-    for query in [queries[0], *queries]:  # the first warms the channel up
-        started = time.perf_counter()
-        async for answer in client.post('/search', inputs=DocumentArray([Document(embedding=query)]), parameters={'limit': LIMIT}):
-            ids = [int(i[1:]) if i[:1] == 'd' and i[1:].isdigit() else -1 for i in answer[0].matches[:, 'id']]
-        latencies.append(time.perf_counter() - started)
-        found.append(ids)
-    return found[1:], latencies[1:]
-
-
 def measure(work: Path, pq: int | None, settings: dict, queries: np.ndarray, truth: np.ndarray) -> dict:
     from helpers.service import flow_compressed, start_service
 
-    from scale import wait_documents
+    from scale import search_rows, wait_documents
 
     flow_dir = work / f'pq{pq}' if pq else work / 'float'
     flow = flow_compressed(work / 'settings-flows', pq_train_size=20000, **settings)
