@@ -22,6 +22,8 @@ from typing import Callable, Iterable, Optional
 
 import numpy as np
 
+from clip_search import shard_store
+
 READ_CHUNK = 256  # float vectors read from the old graph per hold of the write lock: writes wait little
 ADD_CHUNK = 2048  # vectors added to the new graph per hnswlib call
 CATCH_UP_ROUNDS = 3  # catch-ups outside the write lock before the last one, under it
@@ -41,13 +43,6 @@ def is_due(index, compact_deleted: Optional[float]) -> bool:
         return False
     documents = index.total_docs
     return int(index.vec_index(0)._index.element_count) - documents > compact_deleted * max(documents, 1)
-
-
-def live_offsets(index) -> np.ndarray:
-    """The offsets of every indexed document (annlite's offset table)."""
-    table = index.cell_table(0)
-    rows = table._conn.execute(f'SELECT _id - 1 FROM {table.name} ORDER BY _id')
-    return np.fromiter((row[0] for row in rows), dtype=np.int64)  # streamed: no list of a million tuples
 
 
 class Rebuild:
@@ -77,7 +72,7 @@ class Rebuild:
     def build(self, stopped: Callable[[], bool]) -> int:
         """Add the documents indexed now; returns how many (``stopped()`` ends it early: the shard closes)."""
         with self._write_lock:
-            offsets = live_offsets(self.index)
+            offsets = shard_store.live_offsets(self.index)
         added = []
         for start in range(0, len(offsets), ADD_CHUNK):
             if stopped():
@@ -93,10 +88,10 @@ class Rebuild:
         without it; ``under_lock``: the caller holds it, and the new graph is then exactly current.
         """
         if under_lock:
-            live = live_offsets(self.index)
+            live = shard_store.live_offsets(self.index)
         else:
             with self._write_lock:
-                live = live_offsets(self.index)
+                live = shard_store.live_offsets(self.index)
         new = np.setdiff1d(live, self.present, assume_unique=True)
         removed = np.setdiff1d(self.present, live, assume_unique=True)
         for offset in removed.tolist():
@@ -119,7 +114,7 @@ class Rebuild:
             return offsets
         unit, offsets = self._read_old_graph(offsets, locked)
         if len(offsets):
-            grow_for(self.new, len(offsets))
+            shard_store.make_room(self.new, offsets)
             self.new._index.add_items(unit, ids=offsets, dtables=None)
         return offsets
 
@@ -172,10 +167,3 @@ def empty_graph_like(graph):
     new._index.set_num_threads(1)
     return new
 
-
-def grow_for(graph, more: int) -> None:
-    """Make room for ``more`` nodes beyond the graph's count, in annlite's expansion steps."""
-    needed = int(graph._index.element_count) + more
-    if needed > graph.capacity:
-        steps = -(-needed // graph.expand_step_size)
-        graph._expand_capacity(steps * graph.expand_step_size)

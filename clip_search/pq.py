@@ -26,6 +26,7 @@ from typing import Optional
 
 import numpy as np
 
+from clip_search import shard_store
 from clip_search.vector_file import VectorFile
 
 N_CLUSTERS = 256  # one byte a sub-vector: annlite's default and the only code size faiss trains in 8 bits
@@ -115,8 +116,7 @@ class Compression:
         if self.trained(index) or index.total_docs < self.train_size:
             return None
         started = time.monotonic()
-        table = index.cell_table(0)
-        offsets = np.array([row[0] for row in table._conn.execute(f'SELECT _id - 1 FROM {table.name} ORDER BY _id')], dtype=np.int64)
+        offsets = shard_store.live_offsets(index)
         if len(offsets) < self.train_size:
             return None
         unit = self.vectors.read(offsets)
@@ -144,12 +144,10 @@ class Compression:
     @staticmethod
     def install(index, codec) -> None:
         """An empty graph over ``codec``'s codes (None: over floats), in place of whatever the shard's graph held."""
-        from clip_search.shard_store import single_threaded
-
         graph = index.vec_index(0)
         graph.pq_codec = codec
         graph.reset()  # annlite's init_index with a trained codec: a PQ space
-        single_threaded(index)
+        shard_store.single_threaded(index)
 
     def nearest(self, index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` nearest offsets and exact cosine distances of each query: ``k x rerank_factor``
@@ -187,10 +185,7 @@ class Compression:
 
     def add_codes(self, graph, unit: np.ndarray, offsets: np.ndarray) -> None:
         """Insert unit vectors into a graph over PQ codes, at ``offsets``."""
-        needed = int(offsets.max()) + 1
-        if needed > graph.capacity:
-            steps = -(-needed // graph.expand_step_size)
-            graph._expand_capacity(steps * graph.expand_step_size)
+        shard_store.make_room(graph, offsets)
         for start in range(0, len(offsets), INSERT_CHUNK):
             codes, tables = codes_and_tables(graph.pq_codec, unit[start : start + INSERT_CHUNK])
             with graph_lock(graph):

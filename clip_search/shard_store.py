@@ -236,6 +236,22 @@ def unreclaimed_slots(index) -> int:
     return int(index.vec_index(0)._index.element_count) - indexed_count(index)
 
 
+def live_offsets(index) -> np.ndarray:
+    """The HNSW offsets of every indexed document, ascending (annlite's offset table)."""
+    table = index.cell_table(0)
+    rows = table._conn.execute(f'SELECT _id - 1 FROM {table.name} ORDER BY _id')
+    return np.fromiter((row[0] for row in rows), dtype=np.int64)  # streamed: no list of a million tuples
+
+
+def make_room(graph, offsets: np.ndarray) -> None:
+    """Grow the graph's capacity to hold ``offsets`` by annlite's rule (the highest offset, in its
+    expansion steps), for inserts that bypass annlite's ``add_with_ids``."""
+    needed = int(offsets.max()) + 1
+    if needed > graph.capacity:
+        steps = -(-needed // graph.expand_step_size)
+        graph._expand_capacity(steps * graph.expand_step_size)
+
+
 def indexed_count(index) -> int:
     """Ids in the HNSW graph's id table (what search can find)."""
     return int(index.meta_table._conn.execute(f'SELECT count(*) FROM {index.meta_table.name}').fetchone()[0])
