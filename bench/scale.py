@@ -493,19 +493,20 @@ def milestone(service, done: dict, workspace: Path) -> dict:
     return figures
 
 
+NEW_AFTER_RESTART, DELETED_AFTER_RESTART = 1000, 500  # kill9_check's writes: a finished run holds corpus + 500
+
+
 def kill9_check(service, corpus, queries, n: int) -> dict:
     """After the graceful restart: 1,000 new documents, 500 deleted, 100 updated (acknowledged)."""
     from docarray import Document
 
     client = service.client()
-    rng = np.random.default_rng(7)
-    new = [Document(id=f'new{i}', embedding=v) for i, v in enumerate(clustered_vectors(1000, 1000, seed=3))]
+    new = [Document(id=f'new{i}', embedding=v) for i, v in enumerate(clustered_vectors(NEW_AFTER_RESTART, 1000, seed=3))]
     client.index(new, batch_size=500)
-    client.delete([f'd{i}' for i in range(500)])
+    client.delete([f'd{i}' for i in range(DELETED_AFTER_RESTART)])
     updated = [Document(id=f'd{i}', embedding=v) for i, v in zip(range(1000, 1100), clustered_vectors(100, 1000, seed=4))]
     client.update(updated)
-    del rng
-    return {'acknowledged_writes': '1000 new, 500 deleted, 100 updated'}
+    return {'acknowledged_writes': f'{NEW_AFTER_RESTART} new, {DELETED_AFTER_RESTART} deleted, 100 updated'}
 
 
 def check_after_kill9(service, corpus, n: int) -> dict:

@@ -34,7 +34,7 @@ def parse_settings(text: str) -> dict:
 def measure(work: Path, pq: int | None, settings: dict, queries: np.ndarray, truth: np.ndarray) -> dict:
     from helpers.service import flow_compressed, start_service
 
-    from scale import search_rows, wait_documents
+    from scale import DELETED_AFTER_RESTART, NEW_AFTER_RESTART, search_rows, wait_documents
 
     flow_dir = work / f'pq{pq}' if pq else work / 'float'
     flow = flow_compressed(work / 'settings-flows', pq_train_size=20000, **settings)
@@ -43,7 +43,7 @@ def measure(work: Path, pq: int | None, settings: dict, queries: np.ndarray, tru
     service = start_service(flow_dir / 'model', flow_dir / 'workspace', shards=2, flow_file=flow,
                             wait_searchable=False, ready_timeout=600, extra_args=extra)  # fmt: skip
     try:
-        documents = json.loads((flow_dir / 'progress.json').read_text())['rows_indexed'] + 500  # + 1000 new - 500 deleted
+        documents = json.loads((flow_dir / 'progress.json').read_text())['rows_indexed'] + NEW_AFTER_RESTART - DELETED_AFTER_RESTART
         start_s = wait_documents(service, documents, started)
         found, latencies = asyncio.run(search_rows(service.address, queries))
     finally:
