@@ -13,7 +13,9 @@ and serialises it. It reports the process's peak resident memory over the loaded
 matches) and the growth beyond it:
 
 - ``graph``: the usual HNSW search, as served (``serve_search``: each query's matches serialised
-  as soon as they are final);
+  as soon as they are final, then parsed straight into Jina's request: ``clip_search.wire_answer``);
+- ``graph_copied``: the same, but the answer parsed on its own and copied into the request, as
+  Jina does for any answer (what the shard did until the answer was parsed into the request);
 - ``graph_as_before``: the same search answered as before, all matches as Python documents
   (``search``, what ``serve_search`` returned until issue 26), then Jina's serialisation;
 - ``exact``: the exact fallback as served (``clip_search.exact_search``, chunks of candidates;
@@ -142,7 +144,10 @@ def measure(workspace: Path, method: str) -> dict:
         answer = asyncio.run(shard.serve_search(docs, parameters))
     searched = round(time.monotonic() - started, 2)
     matches = sum(len(query.matches) for query in answer if query.matches)
-    WorkerRequestHandler.replace_docs(request, answer, None)  # Jina's _set_result
+    if method == 'graph_copied':
+        request.data._content.docs.CopyFrom(answer.to_protobuf())  # Jina's own set_docs_convert_arrays
+    else:
+        WorkerRequestHandler.replace_docs(request, answer, None)  # Jina's _set_result
     del answer, docs  # the handler returns: its answer goes, the request stays until sent
     wire = DataRequestProto.SerializeToString(request)  # what gRPC sends
     peak, seconds = _status_mib('VmHWM') - loaded, time.monotonic() - started
@@ -171,7 +176,7 @@ def main() -> None:
         return
     workspace = Path(args.shard) if args.shard else scratch_dir('bench-bounded-') / 'shard'
     result = {'docs': args.docs, 'blob_bytes': args.blob_bytes, 'build_s': build(workspace, args.docs, args.blob_bytes)}
-    for method in ('graph', 'graph_as_before', 'exact', 'annlite_filter', 'over_the_cap'):
+    for method in ('graph', 'graph_copied', 'graph_as_before', 'exact', 'annlite_filter', 'over_the_cap'):
         worker = subprocess.run(
             [sys.executable, __file__, '--measure', str(workspace), method], capture_output=True, text=True, check=True
         )

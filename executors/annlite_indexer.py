@@ -20,10 +20,9 @@ from typing import Callable, Optional
 import numpy as np
 import threadpoolctl
 from docarray import Document, DocumentArray
-from docarray.array.memory import DocumentArrayInMemory
 from jina import Executor, requests
 
-from clip_search import allocator, compaction, faults, shard_store  # annlite itself is imported late, inside shard_store
+from clip_search import allocator, compaction, faults, shard_store, wire_answer  # annlite itself is imported late, inside shard_store
 from clip_search.exact_search import exact_search
 from clip_search.params import (
     DEFAULT_LIMIT,
@@ -108,6 +107,7 @@ class AnnLiteIndexer(Executor):
         """
         super().__init__(*args, **kwargs)
         allocator.return_large_blocks_to_os()  # this process is the shard's: its freed request buffers leave
+        wire_answer.install()  # a large search's answer is parsed straight into Jina's request, not copied there
         # one BLAS thread, as one HNSW thread: OpenBLAS's own threads hung here when a compaction's
         # matrix products (PQ codes) met a write's in another thread (tests/test_compaction.py)
         threadpoolctl.threadpool_limits(1, user_api='blas')
@@ -511,7 +511,7 @@ class AnnLiteIndexer(Executor):
         check_match_budget(len(docs), limit, self.max_matches)
         self._check_candidates(limit)
         self._check_embeddings(docs)
-        answer = WireAnswer(docs) if for_the_wire else docs
+        answer = wire_answer.WireAnswer(docs) if for_the_wire else docs
 
         def done(query: Document) -> None:  # the query's matches are final: filter by distance, seal
             _keep_within(query, max_distance)
@@ -727,51 +727,6 @@ def exact_filtered_search(
     force, a chunk of candidates at a time: ``clip_search.exact_search``); ``done`` gets each query
     as soon as its matches are set."""
     exact_search(index, docs, search_filter, limit, done=done)
-
-
-class WireAnswer(DocumentArrayInMemory):
-    """A search's answer that leaves the shard as protobuf without being held twice.
-
-    Jina sends an executor's answer as ``to_protobuf()`` of the returned DocumentArray (and copies
-    that message into the request, then serialises it). Built the usual way, the Python documents of
-    every match (about 1 KB each beyond their bytes) are still alive when that happens, beside a
-    protobuf that holds each match twice (docarray makes a message per match and appends it to its
-    query's, and protobuf's arenas keep both). Here each query is ``seal``-ed as soon as its matches
-    are final: it is serialised then (the bytes a client will receive, nothing more) and its Python
-    matches are dropped, so at most one query's match documents exist at a time; ``to_protobuf``
-    parses the bytes into one message, freeing each query's as it goes. The message equals what
-    ``DocumentArray.to_protobuf`` makes; only the in-process view differs (sealed queries have no
-    ``matches``), which is why the shard answers this way only to Jina (``serve_search``).
-    """
-
-    def __init__(self, docs: DocumentArray):
-        super().__init__()
-        self.extend(docs)  # the same Document objects, not copies (``seal`` knows a query by identity)
-        self._sealed: dict[int, bytes] = {}  # id(query) -> its serialised DocumentProto, matches included
-        self._proto = None
-
-    def seal(self, query: Document) -> None:
-        """Serialise the query now and drop its Python matches (the bytes carry them)."""
-        self._sealed[id(query)] = query.to_protobuf().SerializeToString()
-        query.pop('matches')
-
-    def to_protobuf(self, ndarray_type: Optional[str] = None):
-        """What ``DocumentArray.to_protobuf`` makes of the answer (made once, then the same message).
-
-        The sealed queries were made with ``ndarray_type=None``, Jina's default ``output_array_type``
-        (their matches carry no embedding; only the query's own may differ by type)."""
-        if self._proto is None:
-            from docarray.proto.docarray_pb2 import DocumentArrayProto
-
-            self._proto = DocumentArrayProto()
-            for doc in self:  # each sealed query's bytes are freed once parsed: never two copies of the answer
-                sealed = self._sealed.pop(id(doc), None)
-                if sealed is None:
-                    self._proto.docs.append(doc.to_protobuf(ndarray_type))
-                else:
-                    self._proto.docs.add().MergeFromString(sealed)
-                    del sealed
-        return self._proto
 
 
 def _check_or_write_settings(data_path: Path, settings: dict) -> None:

@@ -110,3 +110,36 @@ def test_a_served_search_holds_one_querys_match_documents_at_a_time_and_answers_
         assert [len(q.matches) for q in sent[:8]] == [len(q.matches) for q in DocumentArray.from_protobuf(expected)[:8]]
         assert all(len(q.matches) for q in sent[:8])
     shard.close()
+
+
+def test_jina_sets_a_served_answer_into_its_request_by_parsing_it_there_not_copying_it(tmp_path, monkeypatch):
+    """Jina's own path from an executor's answer to the request it sends (``_set_result``): the
+    shard's answer is parsed into the request (``wire_answer.install``), and the request carries
+    the same answer, byte for byte. This fails if Jina sets answers another way (then it would call
+    ``to_protobuf`` and copy the answer into the request, holding it twice)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from jina.proto.serializer import DataRequestProto
+    from jina.serve.runtimes.worker.request_handling import WorkerRequestHandler
+    from jina.types.request.data import DataRequest
+
+    from clip_search.wire_answer import WireAnswer
+
+    shard = AnnLiteIndexer(n_dim=8, metas={'workspace': str(tmp_path)}, columns=[['color', 'str']], runtime_args={'shards': 2})
+    rng = np.random.default_rng(6)
+    shard.index(DocumentArray(Document(id=f'd{i}', embedding=rng.normal(size=8).astype(np.float32), tags={'color': 'red'}) for i in range(300)))
+    expected = shard.search(named(queries(5, seed=7)), {'limit': 250}).to_protobuf()
+    sent = DataRequest()
+    sent.data.docs = named(queries(5, seed=7))
+    request = DataRequest(DataRequestProto.SerializeToString(sent))  # as it arrives: bytes
+    answer = asyncio.run(shard.serve_search(request.docs, {'limit': 250}))
+    assert isinstance(answer, WireAnswer)
+    monkeypatch.setattr(WireAnswer, 'to_protobuf', lambda self, ndarray_type=None: pytest.fail('the answer was copied'))
+    worker = SimpleNamespace(args=SimpleNamespace(output_array_type=None))
+    WorkerRequestHandler._set_result(worker, [request], answer, request.docs)
+    received = DataRequest(DataRequestProto.SerializeToString(request))  # what the head parses
+    assert received.proto.data.docs == expected  # 5 queries with 250 matches each, and the shard's marker
+    assert [len(query.matches) for query in received.docs] == [250] * 5 + [0]
+    assert received.docs[:5, 'id'] == [f'q{i}' for i in range(5)]
+    shard.close()
