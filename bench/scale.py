@@ -179,7 +179,14 @@ def run_snapshot_pause(task: dict) -> dict:
 
     queries = np.load(Path(task['data']) / 'queries.npy')
     indexer = open_shard(task)
-    forked = shard_store.run_in_child
+    forked = shard_store.ForkedChild
+
+    class InProcess:  # the files written in the shard's process, as before the child
+        def __init__(self, work, what):
+            self.answer = work()
+
+        def result(self) -> dict:
+            return self.answer
 
     def search_while(busy: threading.Event, stop: threading.Event) -> list[float]:
         latencies, i = [], 0
@@ -206,7 +213,7 @@ def run_snapshot_pause(task: dict) -> dict:
     snapshot_seconds = {'forked': [], 'in_process': []}
     for _ in range(task.get('rounds', 3)):
         for kind in ('without', 'forked', 'in_process'):
-            shard_store.run_in_child = forked if kind != 'in_process' else (lambda work, what: work())
+            shard_store.ForkedChild = forked if kind != 'in_process' else InProcess
             busy, stop, out = threading.Event(), threading.Event(), []
             busy.set()
             searcher = threading.Thread(target=lambda: out.extend(search_while(busy, stop)))
@@ -217,7 +224,7 @@ def run_snapshot_pause(task: dict) -> dict:
             stop.set()
             searcher.join()
             latencies[kind].extend(out)
-    shard_store.run_in_child = forked
+    shard_store.ForkedChild = forked
     folder = sorted(indexer._data_path.glob('snapshot-*'))[-1]
     size = sum(f.stat().st_size for f in folder.iterdir())
     indexer.close()

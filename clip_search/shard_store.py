@@ -308,6 +308,13 @@ def generations(folder: Path, prefix: str) -> list[int]:
 
 def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path:
     """Write the graph and annlite's tables into ``snapshot-<generation>``; the manifest goes last."""
+    return start_snapshot(index, folder, generation, settings).finish()
+
+
+def start_snapshot(index, folder: Path, generation: int, settings: dict) -> 'PendingSnapshot':
+    """Take ``snapshot-<generation>``'s consistent point: copy annlite's tables into it and fork a
+    child that writes the graph as it is now. Writes must be held out until this returns, and only
+    that long: the child's image of the graph is copy-on-write, and the tables are copied already."""
     target = folder / f'{SNAPSHOT}{generation}'
     if target.exists():
         shutil.rmtree(target)
@@ -315,27 +322,39 @@ def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path
     tables = {'cells.db': index.cell_table(0), 'meta.db': index.meta_table}
     if any(table._conn.in_transaction for table in tables.values()):  # every write commits: never seen
         raise SnapshotError('a table has a transaction open: its file is not whole')
-    files = run_in_child(lambda: _write_data_files(index.vec_index(0), tables, target), f'writing {target}')
-    faults.reach('mid-snapshot')
-    codec = index.vec_index(0).pq_codec
-    if codec is not None:
-        name = next(iter(CODEC))
-        codec.dump(target / name)
-        fsync_file(target / name)
-        files[name] = _size_and_crc(target / name)
-    fsync_directory(target)  # the data on disk before the manifest that vouches for it (SQLite's rule)
-    manifest = {'settings': settings, 'documents': index.total_docs, 'files': files}
-    write_atomically(target / MANIFEST, json.dumps(manifest, indent=2).encode())
-    fsync_directory(folder)  # the snapshot's folder entry too, before anything older is deleted
-    return target
-
-
-def _write_data_files(graph, tables: dict, target: Path) -> dict:
-    """The graph, a copy of each table's live file (whole: writes are held out, each one committed),
-    each fsynced; their sizes and CRC-32s."""
-    graph.dump(target / 'hnsw.bin')
-    for name, table in tables.items():
+    for name, table in tables.items():  # whole: writes are held out, each one committed
         shutil.copyfile(table._conn_name, target / name)
+    graph = index.vec_index(0)
+    child = ForkedChild(lambda: _write_data_files(graph, target), f'writing {target}')
+    return PendingSnapshot(target, generation, child, index.total_docs, graph.pq_codec, settings)
+
+
+class PendingSnapshot:
+    """A snapshot whose consistent point is taken; ``finish`` (no lock needed) waits for the child's
+    files, adds the codec, and vouches for them with the manifest."""
+
+    def __init__(self, target: Path, generation: int, child: 'ForkedChild', documents: int, codec, settings: dict):
+        self.target, self.generation = target, generation
+        self._child, self._documents, self._codec, self._settings = child, documents, codec, settings
+
+    def finish(self) -> Path:
+        files = self._child.result()
+        faults.reach('mid-snapshot')
+        if self._codec is not None:
+            name = next(iter(CODEC))
+            self._codec.dump(self.target / name)
+            fsync_file(self.target / name)
+            files[name] = _size_and_crc(self.target / name)
+        fsync_directory(self.target)  # the data on disk before the manifest that vouches for it (SQLite's rule)
+        manifest = {'settings': self._settings, 'documents': self._documents, 'files': files}
+        write_atomically(self.target / MANIFEST, json.dumps(manifest, indent=2).encode())
+        fsync_directory(self.target.parent)  # the snapshot's folder entry too, before anything older is deleted
+        return self.target
+
+
+def _write_data_files(graph, target: Path) -> dict:
+    """The graph beside the tables' copies, each fsynced; their sizes and CRC-32s."""
+    graph.dump(target / 'hnsw.bin')
     for name in FILES:
         fsync_file(target / name)
     return {name: _size_and_crc(target / name) for name in FILES}
@@ -345,35 +364,42 @@ def _size_and_crc(path: Path) -> dict:
     return {'size': path.stat().st_size, 'crc32': _crc32(path)}
 
 
-def run_in_child(work: Callable[[], dict], what: str) -> dict:
-    """``work()`` in a forked child, a copy-on-write image of this process; its JSON answer.
+class ForkedChild:
+    """``work()`` in a forked child, a copy-on-write image of this process; ``result()`` waits for
+    its JSON answer.
 
     hnswlib's ``save_index`` holds the GIL for the whole write (a gigabyte at 500k float documents),
-    and copying and checksumming the files takes the GIL back at every chunk, each time for up to
-    Python's switch interval: in the shard's own process every search waited behind them. The child
-    sees the graph and the tables as they were at the fork (the write lock keeps writes out) while
-    the parent goes on answering. It runs nothing of the parent's: it leaves by ``_exit``.
+    and checksumming the files takes the GIL back at every chunk, each time for up to Python's
+    switch interval: in the shard's own process every search waited behind them. The child sees
+    the graph as it was at the fork, whatever the parent does meanwhile, while the parent goes on
+    answering. It runs nothing of the parent's: it leaves by ``_exit``.
     """
-    readable, writable = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(readable)
-        status = 1
-        try:
-            os.write(writable, json.dumps(work()).encode())
-            status = 0
-        except BaseException:  # noqa: BLE001 - said on stderr, and by the exit status to the parent
-            traceback.print_exc()
-        finally:
-            os._exit(status)
-    os.close(writable)
-    with os.fdopen(readable, 'rb') as answer:
-        data = answer.read()
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SnapshotError(f'the process {what} exited with {code}')
-    return json.loads(data)
+
+    def __init__(self, work: Callable[[], dict], what: str):
+        self.what = what
+        readable, writable = os.pipe()
+        self._pid = os.fork()
+        if self._pid == 0:
+            os.close(readable)
+            status = 1
+            try:
+                os.write(writable, json.dumps(work()).encode())
+                status = 0
+            except BaseException:  # noqa: BLE001 - said on stderr, and by the exit status to the parent
+                traceback.print_exc()
+            finally:
+                os._exit(status)
+        os.close(writable)
+        self._readable = readable
+
+    def result(self) -> dict:
+        with os.fdopen(self._readable, 'rb') as answer:
+            data = answer.read()
+        _, status = os.waitpid(self._pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0:
+            raise SnapshotError(f'the process {self.what} exited with {code}')
+        return json.loads(data)
 
 
 def load_snapshot(index, folder: Path, settings: dict) -> tuple[int, int]:

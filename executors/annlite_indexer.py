@@ -163,6 +163,8 @@ class AnnLiteIndexer(Executor):
         self._snapshotting = threading.Event()  # a background snapshot is running
         self._compacting = threading.Event()  # a background compaction of the graph is running
         self._snapshot_failed = False  # the last snapshot failed: the next write starts another
+        self._snapshot_finished = threading.Event()  # clear while a background snapshot writes its files
+        self._snapshot_finished.set()
         self._store_lock = threading.Lock()  # held by a tidy of the document store, which close waits for
         self._closed = False
         if shard_store.store_is_empty(self._index):
@@ -234,6 +236,7 @@ class AnnLiteIndexer(Executor):
         """A graceful stop: snapshot what changed, so the next start loads instead of replaying."""
         with self._store_lock, self._write_lock:  # after a running tidy of the store (_tidy_store)
             self._closed = True  # a background snapshot still waiting for the lock has nothing to do
+            self._snapshot_finished.wait()  # one writing its files ends first
             if self._loaded.is_set():
                 if self._journal.changes or self._snapshot_failed:
                     self._snapshot()
@@ -339,12 +342,23 @@ class AnnLiteIndexer(Executor):
         self._unfinished_replaces = False
 
     def _snapshot(self) -> None:
-        """Start a new journal generation, dump the graph and tables, drop what the snapshot holds."""
-        started = time.monotonic()
+        """Snapshot now, whole (under the write lock, or before the shard serves)."""
+        self._finish_snapshot(self._start_snapshot())
+
+    def _start_snapshot(self) -> shard_store.PendingSnapshot:
+        """A snapshot's consistent point (under the write lock, held only this long): a new journal
+        generation, the tables copied, the graph in a forked child's image."""
+        self._snapshot_finished.wait()  # a background snapshot still writing its files: one at a time
         self._journal.rotate()
-        shard_store.write_snapshot(self._index, self._data_path, self._journal.generation, self._snapshot_settings)
-        shard_store.remove_older(self._data_path, keep_snapshot=self._journal.generation)
-        self.logger.debug(f'shard {self.shard_id}: snapshot-{self._journal.generation} in {time.monotonic() - started:.1f} s')
+        return shard_store.start_snapshot(self._index, self._data_path, self._journal.generation, self._snapshot_settings)
+
+    def _finish_snapshot(self, pending: shard_store.PendingSnapshot) -> None:
+        """The snapshot's files written and its manifest in; then drop what it holds."""
+        started = time.monotonic()
+        pending.finish()
+        shard_store.remove_older(self._data_path, keep_snapshot=pending.generation)
+        self._snapshot_failed = False
+        self.logger.debug(f'shard {self.shard_id}: snapshot-{pending.generation} written in {time.monotonic() - started:.1f} s')
 
     def _write(self, op: str, ids: list, apply: Callable[[], None]) -> None:
         """Journal the ids, apply the write; past the checkpoint, start a snapshot in the background."""
@@ -413,15 +427,16 @@ class AnnLiteIndexer(Executor):
         )
         return again
 
-    def _try_snapshot(self, what: str) -> None:
-        """Snapshot (under the write lock); a failure is logged in one line and retried after the next
-        write, failing no write: the journal and the store still hold every write since the last one."""
+    def _try_snapshot(self, what: str, step: Optional[Callable] = None):
+        """A snapshot, whole (under the write lock), or one ``step`` of one; a failure is logged in one
+        line and retried after the next write (None is returned), failing no write: the journal and the
+        store still hold every write since the last snapshot."""
         try:
-            self._snapshot()
-            self._snapshot_failed = False
+            return (step or self._snapshot)()
         except Exception as exc:  # noqa: BLE001 - a full disk, say
             self._snapshot_failed = True
             self.logger.error(f'shard {self.shard_id}: {what} failed, retried after the next write: {exc!r}')
+            return None
 
     def wait_idle(self, timeout: float = 60) -> bool:
         """Block until no background snapshot or compaction runs (True) or ``timeout`` seconds passed."""
@@ -433,14 +448,22 @@ class AnnLiteIndexer(Executor):
         return True
 
     def _snapshot_in_background(self) -> None:
-        """Snapshot from a consistent point, off the request: the write lock holds writes back meanwhile,
-        searches go on reading the graph. A failure is logged in one line and retried after the next
-        write; the writes stay durable in the journal and the store, so none is failed for it."""
+        """Snapshot off the request: the write lock holds writes back only while the tables are copied
+        and the child that writes the graph is forked; searches go on all along. A failure is logged
+        in one line and retried after the next write; the writes stay durable in the journal and the
+        store, so none is failed for it."""
         try:
             with self._write_lock:
                 if self._closed or not (self._journal.changes or self._snapshot_failed):
                     return
-                self._try_snapshot('snapshot')
+                pending = self._try_snapshot('snapshot', self._start_snapshot)
+                if pending is None:
+                    return
+                self._snapshot_finished.clear()
+            try:
+                self._try_snapshot('snapshot', lambda: self._finish_snapshot(pending))
+            finally:
+                self._snapshot_finished.set()
             self._tidy_store()
         finally:
             self._snapshotting.clear()

@@ -3,6 +3,7 @@ for it, searches answer while it runs, and a failed snapshot fails no write and 
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -27,8 +28,8 @@ def docs(prefix: str, n: int, seed: int) -> DocumentArray:
 
 
 def newest_snapshot(workspace) -> int:
-    (folder,) = {p.parent.parent for p in workspace.rglob('snapshot-*/manifest.json')}
-    return shard_store.generations(folder, shard_store.SNAPSHOT)[-1]
+    """The generation of the newest whole snapshot (its manifest written)."""
+    return max(int(p.parent.name[len(shard_store.SNAPSHOT) :]) for p in workspace.rglob(f'snapshot-*/{shard_store.MANIFEST}'))
 
 
 def wait_for_snapshot(shard: AnnLiteIndexer, timeout: float = 60) -> None:
@@ -38,28 +39,43 @@ def wait_for_snapshot(shard: AnnLiteIndexer, timeout: float = 60) -> None:
         time.sleep(0.01)
 
 
-def test_a_write_and_searches_are_answered_while_the_snapshot_it_started_runs(tmp_path, monkeypatch):
+def test_writes_and_searches_are_answered_while_the_snapshot_they_started_writes_its_files(tmp_path, monkeypatch):
+    """The write lock is held only for the snapshot's consistent point (tables copied, the graph's
+    child forked): a write arriving while the files are written is applied at once, and lands in
+    the next journal, not in the snapshot."""
     shard = open_shard(tmp_path, snapshot_every=10)
     shard.index(docs('a', 5, seed=1))
     started, release = threading.Event(), threading.Event()
-    real_write = shard_store.write_snapshot
+    real_finish = shard_store.PendingSnapshot.finish
 
-    def slow_write(*args, **kwargs):  # a snapshot that lasts until the test lets it finish
+    def slow_finish(pending):  # files that take until the test lets them finish
         started.set()
         assert release.wait(60)
-        return real_write(*args, **kwargs)
+        return real_finish(pending)
 
-    monkeypatch.setattr(shard_store, 'write_snapshot', slow_write)
+    monkeypatch.setattr(shard_store.PendingSnapshot, 'finish', slow_finish)
     before = newest_snapshot(tmp_path)
     shard.index(docs('b', 10, seed=2))  # past snapshot_every: answered, the snapshot runs on
     assert started.wait(30)
     queries = docs('q', 3, seed=2)  # the b documents' own embeddings
     answers = shard.search(queries, parameters={'limit': 1})
     assert [a.matches[0].id for a in answers] == ['b0', 'b1', 'b2']
-    assert newest_snapshot(tmp_path) == before  # still running
-    release.set()
+    writer = threading.Thread(target=shard.index, args=(docs('c', 3, seed=3),))
+    writer.start()
+    try:
+        writer.join(30)
+        assert not writer.is_alive(), 'a write waited for the snapshot to write its files'
+        assert shard.search(docs('q', 1, seed=3), parameters={'limit': 1})[0].matches[0].id == 'c0'
+        assert newest_snapshot(tmp_path) == before  # the snapshot is still being written
+    finally:
+        release.set()
+        writer.join()
     wait_for_snapshot(shard)
-    assert newest_snapshot(tmp_path) > before
+    generation = newest_snapshot(tmp_path)
+    assert generation > before
+    folder = next(tmp_path.rglob(f'snapshot-{generation}')).parent
+    assert json.loads((folder / f'snapshot-{generation}' / shard_store.MANIFEST).read_text())['documents'] == 15
+    assert shard_store.journalled_ids(folder, generation) == ['c0', 'c1', 'c2']  # replayed after a crash
     shard.close()
 
 
@@ -67,12 +83,12 @@ def test_a_failed_snapshot_fails_no_write_is_logged_and_retried(tmp_path, monkey
     shard = open_shard(tmp_path, snapshot_every=10)
     logged: list[str] = []
     monkeypatch.setattr(shard.logger, 'error', logged.append)
-    real_write = shard_store.write_snapshot
+    real_start = shard_store.start_snapshot
 
     def full_disk(*args, **kwargs):
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(shard_store, 'write_snapshot', full_disk)
+    monkeypatch.setattr(shard_store, 'start_snapshot', full_disk)
     before = newest_snapshot(tmp_path)
     shard.index(docs('a', 12, seed=1))  # durable and searchable although its snapshot fails
     wait_for_snapshot(shard)
@@ -80,7 +96,7 @@ def test_a_failed_snapshot_fails_no_write_is_logged_and_retried(tmp_path, monkey
     assert newest_snapshot(tmp_path) == before
     assert shard.search(docs('q', 1, seed=1), parameters={'limit': 1})[0].matches[0].id == 'a0'
 
-    monkeypatch.setattr(shard_store, 'write_snapshot', real_write)  # the disk has room again
+    monkeypatch.setattr(shard_store, 'start_snapshot', real_start)  # the disk has room again
     shard.index(docs('b', 1, seed=2))  # one write, far below snapshot_every: the retry follows it
     wait_for_snapshot(shard)
     retried = newest_snapshot(tmp_path)

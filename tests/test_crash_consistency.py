@@ -95,6 +95,45 @@ def test_a_shard_killed_at_each_step_of_a_write_restarts_with_the_acknowledged_s
     assert re.fullmatch(LOADED, open_shard(tmp_path, **settings).loaded_how)  # and the next start too
 
 
+# the background snapshot's files are written while a write is acknowledged, then the shard dies
+# before the snapshot's manifest: that write is in the next journal, replayed after the last whole snapshot
+WRITE_DURING_SNAPSHOT = """
+from clip_search import shard_store
+finish = shard_store.PendingSnapshot.finish
+def acknowledge_a_write_first(pending):
+    shard.index(DocumentArray([doc('during', 'acknowledged during the snapshot', 97)]))  # the write lock is free
+    print('acknowledged', flush=True)
+    return finish(pending)
+shard_store.PendingSnapshot.finish = acknowledge_a_write_first
+shard.index(DocumentArray(doc(f'b{i}', 'acknowledged before', 200 + i) for i in range(16)))  # past 5% of 310: in the background
+"""
+
+
+@pytest.mark.parametrize('settings', [{}, PQ], ids=['float', 'pq'])
+def test_a_write_acknowledged_while_a_snapshot_is_written_survives_a_kill_before_its_manifest(tmp_path, settings):
+    shard = open_shard(tmp_path, **settings)
+    filler = COMPRESSED_FILLER if settings else 0
+    if filler:
+        shard.index(DocumentArray(doc(f'filler{i}', 'filler', 1000 + i) for i in range(filler)))
+    shard.index(DocumentArray(doc(f'a{i}', f'acknowledged {i}', i) for i in range(10)))
+    shard.close()
+    child = CHILD.format(tests=str(Path(__file__).parent), workspace=str(tmp_path), write=WRITE_DURING_SNAPSHOT, settings=settings, snapshot_every=1)
+    result = subprocess.run([sys.executable, '-c', child], env={**os.environ, faults.ENVIRONMENT: 'mid-snapshot'},
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == faults.EXIT_CODE, result.stderr[-2000:]
+    assert result.stdout.splitlines().count('acknowledged') == 1
+
+    shard = open_shard(tmp_path, **settings)
+    assert re.fullmatch(LOADED, shard.loaded_how), shard.loaded_how  # the snapshot before, and both journals
+    expected = {f'a{i}': f'acknowledged {i}' for i in range(10)}
+    expected.update({f'b{i}': 'acknowledged before' for i in range(16)}, during='acknowledged during the snapshot')
+    everything = shard._index.doc_store(0).get(list(expected))
+    answers = shard.search(DocumentArray(Document(embedding=d.embedding) for d in everything), parameters={'limit': 1})
+    assert {answer.matches[0].id: answer.matches[0].text for answer in answers} == expected
+    assert shard._index.total_docs == filler + 27
+    shard.close()
+
+
 def test_a_journal_cut_at_any_byte_keeps_its_whole_records_and_appends_after_them(tmp_path):
     folder = tmp_path / 'whole'
     folder.mkdir()
