@@ -306,11 +306,6 @@ def generations(folder: Path, prefix: str) -> list[int]:
     return sorted(found)
 
 
-def write_snapshot(index, folder: Path, generation: int, settings: dict) -> Path:
-    """Write the graph and annlite's tables into ``snapshot-<generation>``; the manifest goes last."""
-    return start_snapshot(index, folder, generation, settings).finish()
-
-
 def start_snapshot(index, folder: Path, generation: int, settings: dict) -> 'PendingSnapshot':
     """Take ``snapshot-<generation>``'s consistent point: copy annlite's tables into it and fork a
     child that writes the graph as it is now. Writes must be held out until this returns, and only
