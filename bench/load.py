@@ -84,11 +84,22 @@ class Supervisor:
                 pass
 
 
+# what Jina's gateway answers while the Flow goes down after an executor died (its connections
+# reset, and its own TypeError handling that): outage failures, seen with a shard killed
+JINAS_OUTAGE_ERRORS = {
+    'gateway lost its executors': 'EstablishGrpcConnectionError',
+    "gateway's error while losing its executors": 'cannot unpack non-iterable UsageError object',
+}
+
+
 def error_kind(exc: BaseException) -> str:
     """A short name for a failure, its variable parts (ids, numbers) removed."""
     text = str(exc)
     for kind in ('did not answer', 'is loading', 'UNAVAILABLE', 'DEADLINE_EXCEEDED', 'Connection refused', 'timed out'):
         if kind in text:
+            return kind
+    for kind, said in JINAS_OUTAGE_ERRORS.items():
+        if said in text:
             return kind
     return re.sub(r'\d+', 'N', f'{type(exc).__name__}: {text}')[:80]
 

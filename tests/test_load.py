@@ -83,7 +83,9 @@ def test_the_load_benchmark_loses_nothing_acknowledged_when_a_shard_is_killed(tm
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads((tmp_path / 'load-kill-shard.json').read_text())
     assert result['wrong_answers'] == 0 and result['searches_per_s'] > 0 and result['writes_per_s'] > 0
-    assert set(result['errors']) <= {'did not answer', 'UNAVAILABLE', 'is loading', 'Connection refused'}, result['errors']
+    outage = {'did not answer', 'UNAVAILABLE', 'is loading', 'Connection refused',
+              'gateway lost its executors', "gateway's error while losing its executors"}  # fmt: skip
+    assert set(result['errors']) <= outage, result['errors']  # a request fails only while the service is down
     assert result['service_exited_s_after_kill'] is not None and result['serving_again_s_after_kill'] > 0
     verified = result['verify']
     assert verified['acknowledged_checked'] > 2000 and verified['documents_consistent'], verified
