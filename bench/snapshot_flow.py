@@ -144,9 +144,9 @@ def overlaps(search: tuple, intervals: list) -> bool:
     return any(search[0] < end and start < search[1] for start, end in intervals)
 
 
-def latency_row(searches: list) -> dict:
-    seconds = [end - start for start, end in searches]
-    return {'searches': len(seconds), 'p50_ms': round(1000 * median(seconds), 1), 'p99_ms': round(1000 * percentile(seconds, 99), 1)}
+def latency_row(requests: list, counted: str = 'searches') -> dict:
+    seconds = [end - start for start, end in requests]
+    return {counted: len(seconds), 'p50_ms': round(1000 * median(seconds), 1), 'p99_ms': round(1000 * percentile(seconds, 99), 1)}
 
 
 async def run(service, folders: list[Path], queries: np.ndarray, first_row: int, args) -> dict:
@@ -187,7 +187,7 @@ async def run(service, folders: list[Path], queries: np.ndarray, first_row: int,
         'left_out_overlapping_deletes': sum(1 for search in rounds if overlaps(search, deletes)),
     }
     if args.writes_every:
-        result['writes'] = latency_row(writes)
+        result['writes'] = latency_row(writes, 'writes')
     result['p99_during_vs_without'] = round(result['during']['p99_ms'] / result['without']['p99_ms'], 2)
     return result
 
