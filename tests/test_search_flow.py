@@ -362,3 +362,21 @@ def test_a_document_whose_uri_is_a_data_uri_or_url_is_left_to_the_server():
     for uri in (data_uri, 'https://example.com/a.png', 'file:///tmp/a.png'):
         doc = to_document(Document(uri=uri))
         assert doc.uri == uri and not doc.blob
+
+
+def test_a_large_search_is_answered_whole_through_the_flow(service):
+    """2 queries x limit 600 ask each shard for more than 1,000 matches: the shards answer from a
+    thread, each answer parsed straight into Jina's request (``clip_search.wire_answer``). The client
+    gets every document once, in ascending distance, starting with what a small search finds."""
+    client = service.client()
+    client.index([Document(id=f'large-{i}', text=f'large search item {i}') for i in range(30)])
+    total = client.status()['documents']
+    queries = ['large search item 3', 'large search item 7']
+    small, large = client.search(queries, limit=5), client.search(queries, limit=600)
+    for few, many in zip(small, large):
+        ids = many.matches[:, 'id']
+        assert len(ids) == len(set(ids)) == min(600, total)
+        distances = [m.scores['cosine'].value for m in many.matches]
+        assert distances == sorted(distances)
+        assert distances[:5] == pytest.approx([m.scores['cosine'].value for m in few.matches], abs=1e-6)
+        assert ids[0] == few.matches[0].id
